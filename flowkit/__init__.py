@@ -1,0 +1,35 @@
+"""flowkit: a plugin-based toolkit for normalizing flows on images.
+
+Public API: `hookimpl` for plugins, the contracts, the errors, `build` and `load_recipe`.
+"""
+
+from __future__ import annotations
+
+from flowkit.api import build, ref
+from flowkit.contracts import (
+    DataParams, Decomposition, DensityModel, Dequantizer, ImageDataset, Prior, Sequential, Transform,
+)
+from flowkit.errors import (
+    DataError, FlowkitError, InverseNotAvailable, PluginError, RecipeError, ShapeError,
+    TrainingError, UnknownPartError,
+)
+from flowkit.hookspecs import hookimpl
+from flowkit.params import NoParams, PartRef, param, part_field
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataError", "DataParams", "Decomposition", "DensityModel", "Dequantizer", "FlowkitError",
+    "ImageDataset", "InverseNotAvailable", "NoParams", "PartRef", "PluginError", "Prior",
+    "RecipeError", "Sequential", "ShapeError", "TrainingError", "Transform", "UnknownPartError",
+    "build", "hookimpl", "param", "part_field", "ref",
+]
+
+
+def __getattr__(name: str) -> object:
+    # load_recipe pulls in the recipe loader lazily, so `import flowkit` stays light for plugins.
+    if name == "load_recipe":
+        from flowkit.recipes.load import load_recipe
+
+        return load_recipe
+    raise AttributeError(f"module 'flowkit' has no attribute {name!r}")

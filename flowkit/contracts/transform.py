@@ -1,0 +1,105 @@
+"""The Transform contract (nflows' ``Transform``, with the direction and context made explicit).
+
+Direction: ``forward`` maps **data to latent**, ``z = f(x)``, and returns
+``(z, log|det ∂f/∂x|)``; ``inverse`` maps latent to data, ``x = f⁻¹(z)``, and returns
+``(x, log|det ∂f⁻¹/∂z|)``, which is minus the forward value at the paired point. This is
+nflows' convention; normflows uses the opposite one.
+
+- ``logabsdet`` has shape ``(B,)`` and is accumulated in at least float32.
+- Images are NCHW and transforms keep the shape.
+- ``context`` is ``None`` or a tensor with leading dimension ``B``. A transform built with a
+  context shape raises if called without context, and one built without raises if given one.
+- Data-dependent initialisation is explicit: ``initialize(x, context)`` (actnorm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from nflows.transforms.base import Transform as _NflowsTransform
+from torch import Tensor, nn
+
+from flowkit.errors import ShapeError
+
+Shape = tuple[int, ...]
+
+
+def logdet_dtype(x: Tensor) -> torch.dtype:
+    """The dtype log-determinants are accumulated in: float32 at least, float64 if x is."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def zeros_logabsdet(x: Tensor) -> Tensor:
+    return torch.zeros(x.shape[0], dtype=logdet_dtype(x), device=x.device)
+
+
+class Transform(_NflowsTransform):
+    """Base class of flowkit transforms: see the module docstring for the contract.
+
+    Subclasses set ``self.context_shape`` (``None`` when unconditional) and call
+    `check_context` at the top of ``forward`` and ``inverse``.
+    """
+
+    context_shape: Shape | None = None
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, context: Tensor | None = None) -> None:
+        """Data-dependent initialisation from a batch; the default does nothing."""
+
+    def check_context(self, x: Tensor, context: Tensor | None) -> None:
+        if self.context_shape is None:
+            if context is not None:
+                raise ShapeError(
+                    f"{type(self).__name__} was built without context but was given a context of "
+                    f"shape {tuple(context.shape)}."
+                )
+            return
+        if context is None:
+            raise ShapeError(
+                f"{type(self).__name__} was built with context of shape {self.context_shape} "
+                "but was called without context."
+            )
+        if context.shape[0] != x.shape[0]:
+            raise ShapeError(
+                f"context has batch size {context.shape[0]} but the input has {x.shape[0]}."
+            )
+
+
+class Sequential(Transform):
+    """Transforms applied in order (data to latent); log-determinants add up.
+
+    ``initialize`` runs each child's initialisation on the output of the children before it,
+    as Glow's data-dependent actnorm initialisation requires.
+    """
+
+    def __init__(self, transforms: Iterable[Transform], context_shape: Shape | None = None) -> None:
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+        self.context_shape = context_shape
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = zeros_logabsdet(x)
+        for transform in self.transforms:
+            x, logabsdet = transform(x, context)
+            total = total + logabsdet
+        return x, total
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = zeros_logabsdet(z)
+        for transform in reversed(self.transforms):
+            z, logabsdet = transform.inverse(z, context)
+            total = total + logabsdet
+        return z, total
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, context: Tensor | None = None) -> None:
+        for transform in self.transforms:
+            transform.initialize(x, context)
+            x, _ = transform(x, context)

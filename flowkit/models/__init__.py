@@ -1,0 +1,1 @@
+"""Shared assembly helpers for model plugins (stacks of steps, level flows)."""

@@ -1,0 +1,153 @@
+"""Validation of TOML tables against Params dataclasses, with every problem reported at once.
+
+Types allowed in Params: bool, int, float, str, Literal[...], tuple[T, ...] of those, and
+nested parts (`PartRef`, declared with `flowkit.params.part_field`). An int is accepted
+where a float is expected; a bool is never accepted as a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from flowkit.errors import RecipeError, UnknownPartError
+from flowkit.params import PartRef
+from flowkit.registry import Registries
+
+RESERVED = "use"
+
+
+def type_name(tp: Any) -> str:
+    """A human name of a Params field type, as `flowkit parts` prints it."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a).replace("'", '"') for a in get_args(tp))
+    if origin is tuple:
+        return f"list of {type_name(get_args(tp)[0])}"
+    if tp is PartRef:
+        return "part"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_types(params_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(params_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(params_cls)}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _check_scalar(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f' Did you mean "{close[0]}"?' if close else ""
+        allowed = ", ".join(_show(c) for c in choices)
+        problems.append(f"{key} = {_show(value)} is not allowed.{hint} Allowed: {allowed}.")
+        return None
+    if origin is tuple:
+        inner = get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key} = {_show(value)} should be a list of {type_name(inner)}.")
+            return None
+        items = [_check_scalar(inner, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (bool, str):
+        if isinstance(value, tp):
+            return value
+    else:
+        raise TypeError(f"Unsupported Params field type {tp!r} at {key}.")
+    problems.append(f"{key} = {_show(value)} should be {type_name(tp)}, not {type(value).__name__}.")
+    return None
+
+
+def _validate(
+    registries: Registries, kind: str, table: Any, path: str, problems: list[str]
+) -> PartRef | None:
+    if isinstance(table, str):  # shorthand: coupling = "affine"
+        table = {RESERVED: table}
+    if not isinstance(table, dict):
+        problems.append(f'{path} should be a table with `use = "<{kind} name>"`, not {_show(table)}.')
+        return None
+    name = table.get(RESERVED)
+    if not isinstance(name, str):
+        names = ", ".join(registries[kind].names())
+        problems.append(f'{path}.use is missing: name the {kind} to use. Available: {names}.')
+        return None
+    try:
+        part = registries.part(kind, name)
+    except UnknownPartError as exc:
+        problems.append(f"{path}.use = {exc}")
+        return None
+    before = len(problems)
+    params = validate_fields(registries, part.params, table, path, problems, kind=kind, name=name)
+    if len(problems) > before:
+        return None
+    return PartRef(kind, name, params)
+
+
+def validate_fields(
+    registries: Registries, params_cls: type, table: dict[str, Any], path: str,
+    problems: list[str], *, kind: str = "", name: str = "", extra_keys: tuple[str, ...] = (RESERVED,),
+) -> Any:
+    """Builds a ``params_cls`` from ``table``, appending problems instead of raising."""
+    types = field_types(params_cls)
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    values: dict[str, Any] = {}
+    owner = f"{kind} {name}".strip() or "this table"
+    for key, value in table.items():
+        dotted = f"{path}.{key}" if path else key
+        if key in extra_keys:
+            continue
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=1)
+            hint = f' Did you mean "{close[0]}"?' if close else ""
+            known = ", ".join(types) or "none"
+            problems.append(f"{dotted} is not a parameter of {owner}.{hint} Parameters: {known}.")
+            continue
+        tp, meta = types[key], fields[key].metadata
+        if "kind" in meta:
+            values[key] = _validate(registries, meta["kind"], value, dotted, problems)
+        else:
+            values[key] = _check_scalar(tp, value, dotted, problems)
+    for key, f in fields.items():
+        if key not in table and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            dotted = f"{path}.{key}" if path else key
+            problems.append(f"{dotted} is required ({type_name(types[key])}): {f.metadata.get('doc', '')}".rstrip(": ") + ".")
+    if problems:
+        return None
+    try:
+        return params_cls(**values)
+    except (TypeError, ValueError) as exc:  # a Params __post_init__ may check ranges
+        problems.append(f"{path}: {exc}")
+        return None
+
+
+def validate_part(registries: Registries, kind: str, table: Any, path: str) -> PartRef:
+    """Validates a ``{use = ..., ...}`` table of ``kind``; raises `RecipeError` on problems."""
+    problems: list[str] = []
+    ref = _validate(registries, kind, table, path, problems)
+    if problems or ref is None:
+        raise RecipeError(problems)
+    return ref
+
+
+def validate_params(registries: Registries, kind: str, name: str, table: dict[str, Any], path: str) -> Any:
+    """The Params instance of part ``kind:name`` from a table without ``use``."""
+    return validate_part(registries, kind, {RESERVED: name, **table}, path).params

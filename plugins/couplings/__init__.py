@@ -1,0 +1,1 @@
+"""Built-in flowkit parts, registered through the `flowkit` entry-point group."""
