@@ -66,3 +66,22 @@ def params_to_toml(params: Any) -> dict[str, Any]:
         else:
             table[f.name] = value
     return table
+
+
+def override_nested(ref: PartRef, kind: str, key: str, value: Any, defaults: Any) -> PartRef:
+    """``ref`` with parameter ``key`` set to ``value`` in every nested part of ``kind``.
+
+    Models use it to vary one setting per level or per step (a net's width per Wavelet Flow
+    level, a coupling's parity per step) without knowing how deep the part sits. Parts of
+    ``kind`` that have no such parameter are left alone. ``defaults(kind, name)`` returns the
+    default Params of a part (`flowkit.build.Builder.default_params`).
+    """
+    params = ref.params if ref.params is not None else defaults(ref.kind, ref.use)
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(params):
+        child = getattr(params, f.name)
+        if isinstance(child, PartRef):
+            changes[f.name] = override_nested(child, kind, key, value, defaults)
+        elif ref.kind == kind and f.name == key:
+            changes[f.name] = value
+    return PartRef(ref.kind, ref.use, dataclasses.replace(params, **changes))

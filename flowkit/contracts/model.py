@@ -11,20 +11,22 @@ Shape = tuple[int, int, int]
 class DensityModel(nn.Module):
     """A density on images ``y`` in ``[0, 1)^D`` (D = C·H·W), after dequantization.
 
-    - ``log_prob_parts(y) -> dict[str, (B,)]``: named terms that add up to log p(y), in nats,
-      over the whole image (e.g. one per Wavelet Flow level, or ``{"total": ...}``). The run
-      engine reports each term in bits/dim of its own dimensions (see ``part_dims``).
+    - ``log_prob_parts(y, parts=None) -> dict[str, (B,)]``: named terms that add up to
+      log p(y), in nats, over the whole image (e.g. one per Wavelet Flow level, or
+      ``{"total": ...}``). With ``parts``, only those terms are computed (level-wise training).
+      The run engine reports each term in bits/dim of its own dimensions (see ``part_dims``).
     - ``part_dims() -> dict[str, int]``: the number of dimensions each term covers.
     - ``log_prob(y) -> (B,)``: their sum.
     - ``sample(n, temperature=1.0) -> (n, C, H, W)`` in ``[0, 1)`` (clamped where needed).
     - ``initialize(y)``: explicit data-dependent initialisation (actnorm), before training.
     - ``parameter_groups() -> dict[str, list[Parameter]]``: groups trained independently
-      (gradient clipping per group); Wavelet Flow has one per level.
+      (gradient clipping per group); Wavelet Flow has one per level. Group names are term
+      names, so ``train.level = i`` trains group i on its own term alone.
     """
 
     in_shape: Shape
 
-    def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
+    def log_prob_parts(self, y: Tensor, parts: list[str] | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def part_dims(self) -> dict[str, int]:

@@ -78,14 +78,16 @@ def _check_scalar(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
 
 
 def _validate(
-    registries: Registries, kind: str, table: Any, path: str, problems: list[str]
+    registries: Registries, kind: str, table: Any, path: str, problems: list[str],
+    default_use: str | None = None,
 ) -> PartRef | None:
     if isinstance(table, str):  # shorthand: coupling = "affine"
         table = {RESERVED: table}
     if not isinstance(table, dict):
         problems.append(f'{path} should be a table with `use = "<{kind} name>"`, not {_show(table)}.')
         return None
-    name = table.get(RESERVED)
+    # A table without `use` tunes the default part: [model.step.coupling] with only `mask = ...`.
+    name = table.get(RESERVED, default_use)
     if not isinstance(name, str):
         names = ", ".join(registries[kind].names())
         problems.append(f'{path}.use is missing: name the {kind} to use. Available: {names}.')
@@ -100,6 +102,12 @@ def _validate(
     if len(problems) > before:
         return None
     return PartRef(kind, name, params)
+
+
+def _default_use(f: dataclasses.Field) -> str | None:
+    if "kind" not in f.metadata or f.default_factory is dataclasses.MISSING:
+        return None
+    return f.default_factory().use
 
 
 def validate_fields(
@@ -123,10 +131,15 @@ def validate_fields(
             continue
         tp, meta = types[key], fields[key].metadata
         if "kind" in meta:
-            values[key] = _validate(registries, meta["kind"], value, dotted, problems)
+            values[key] = _validate(registries, meta["kind"], value, dotted, problems, _default_use(fields[key]))
         else:
             values[key] = _check_scalar(tp, value, dotted, problems)
     for key, f in fields.items():
+        default_use = _default_use(f)
+        if key not in table and default_use is not None:
+            # Fill in the nested part's defaults, so the resolved recipe states every value.
+            values[key] = _validate(registries, f.metadata["kind"], {RESERVED: default_use},
+                                    f"{path}.{key}" if path else key, problems)
         if key not in table and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             dotted = f"{path}.{key}" if path else key
             problems.append(f"{dotted} is required ({type_name(types[key])}): {f.metadata.get('doc', '')}".rstrip(": ") + ".")

@@ -1,0 +1,43 @@
+"""``flowkit plugins``: the installed plugins, their package and version, hooks and parts.
+
+Built-in parts are entry-point plugins of package ``flowkit`` and are listed with the rest;
+``-p MODULE`` plugins show the package "(not installed)".
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from flowkit.cli import get_plugins
+from flowkit.cli.console import console
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per plugin) instead of a table.")
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """List the installed plugins: package, version, hooks and the parts they register."""
+    rows = get_plugins(ctx).describe()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Plugins", title_justify="left")
+    table.add_column("Plugin", style="bold", overflow="fold")
+    table.add_column("Package", overflow="fold")
+    table.add_column("Version", overflow="fold")
+    table.add_column("Hooks", overflow="fold")
+    table.add_column("Parts", overflow="fold")
+    for row in rows:
+        table.add_row(
+            escape(row["name"]), escape(row["package"]), escape(row["version"]),
+            "\n".join(h.removeprefix("flowkit_") for h in row["hooks"]), ", ".join(row["parts"]) or "[dim](none)[/]",
+        )
+    console.print(table)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(plugins)

@@ -1,0 +1,72 @@
+"""The engine's own recipe sections: ``[recipe]``, ``[train]``, ``[sample]``.
+
+Part sections (``[data]``, ``[dequantizer]``, ``[model]``) are validated against the Params
+of the part their ``use`` key selects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from flowkit.params import param
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecipeMeta:
+    schema: int = param(SCHEMA_VERSION, "recipe format version")
+    name: str = param(doc="run name; the run directory is runs/<name>-<timestamp>")
+    description: str = param("", "which paper configuration this follows and what was scaled down")
+    extends: str = param("", "a recipe this one is merged over (path relative to this file)")
+
+    def __post_init__(self) -> None:
+        if self.schema != SCHEMA_VERSION:
+            raise ValueError(f"schema = {self.schema} is not supported; this flowkit reads schema {SCHEMA_VERSION}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainParams:
+    optimizer: Literal["adamax", "adam", "adamw"] = param("adamax", "optimizer (Wavelet Flow uses Adamax)")
+    lr: float = param(1e-3, "peak learning rate")
+    weight_decay: float = param(0.0, "weight decay (decoupled for adamw)")
+    warmup_steps: int = param(0, "linear learning-rate warm-up from 0 over this many steps")
+    decay: Literal["none", "cosine"] = param("none", "learning-rate decay after warm-up, over the step or time budget")
+    batch_size: int = param(64, "images per step")
+    steps: int = param(0, "stop after this many steps (0: no step limit)")
+    minutes: float = param(0.0, "stop after this many minutes of training (0: no time limit)")
+    grad_clip: float = param(0.0, "max gradient norm per parameter group, e.g. per Wavelet Flow level (0: off)")
+    seed: int = param(0, "seed of weights, data order and dequantization noise")
+    level: int = param(-1, "train one parameter group alone (a Wavelet Flow level, 0 = base); -1: all")
+    init_batch_size: int = param(512, "images for the data-dependent (actnorm) initialisation")
+    eval_every: int = param(0, "evaluate the test set every N steps (0: only at the end)")
+    eval_batch_size: int = param(500, "images per evaluation batch")
+    log_every: int = param(50, "write a metrics.jsonl line every N steps")
+    checkpoint_every: int = param(0, "write a checkpoint every N steps (0: only at the end)")
+    device: str = param("auto", '"auto" (cuda if available), "cpu", "cuda", "cuda:1", ...')
+    threads: int = param(0, "CPU threads for torch (0: all cores)")
+    amp: Literal["off", "bf16"] = param("off", "autocast the nets to bf16 on CUDA (log-dets stay float32)")
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "init_batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} = {getattr(self, key)} must be at least 1.")
+        for key in ("steps", "warmup_steps", "eval_every", "checkpoint_every", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} = {getattr(self, key)} must be >= 0.")
+        if self.minutes < 0 or self.lr <= 0 or self.grad_clip < 0:
+            raise ValueError("minutes and grad_clip must be >= 0 and lr > 0.")
+        if self.steps == 0 and self.minutes == 0:
+            raise ValueError("set a budget: steps > 0 or minutes > 0.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleParams:
+    n: int = param(64, "images per sample grid")
+    temperatures: tuple[float, ...] = param((1.0, 0.7), "one grid per temperature")
+    seed: int = param(1234, "seed of the sampling noise")
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or any(t < 0 for t in self.temperatures):
+            raise ValueError("n must be at least 1 and temperatures >= 0.")

@@ -1,0 +1,45 @@
+"""A minimal TOML writer for resolved recipes (tomllib only reads).
+
+Handles what recipes hold: nested tables, strings, booleans, integers, floats and arrays of
+scalars. Inline tables are never emitted; nested tables become ``[a.b]`` headers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps(table: dict[str, Any], _prefix: str = "") -> str:
+    lines: list[str] = []
+    nested = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            nested.append((key, value))
+        else:
+            lines.append(f"{key} = {_scalar(value)}")
+    out = "\n".join(lines)
+    for key, value in nested:
+        name = f"{_prefix}.{key}" if _prefix else key
+        body = dumps(value, name)
+        out += ("\n\n" if out else "") + f"[{name}]" + ("\n" + body if body and not body.startswith("[") else ("\n\n" + body if body else ""))
+    return out.strip("\n") + ("\n" if not _prefix else "")

@@ -1,0 +1,257 @@
+"""Wavelet Flow (Yu et al. 2020): one conditional flow per level of an orthonormal wavelet pyramid.
+
+With an orthonormal DWT (|det| = 1) the image density factorises exactly over the levels,
+
+    log p(x) = log p(I_0) + Σ_{j=1..L} log p(D_{j-1} | I_{j-1}),
+
+where I_j is the low-pass image at resolution ``base · 2^j`` (I_L = x) and D_{j-1} the
+detail coefficients that take I_{j-1} to I_j. Each term is its own flow, trained on its own
+parameter group (here jointly in one process by default, or alone with ``train.level``), and
+none of them squeezes or splits internally.
+
+Normalisation: y is centred (y - 0.5, log-det 0). An orthonormal analysis filter has DC gain
+2 per 2-D level, so a low-pass image d levels below the input has values of order 2^d; each
+flow models its variable divided by that gain (log-det -D·d·log 2, included in its term),
+and its context is the low-pass image divided likewise, so every level sees unit-scale inputs.
+
+References:
+    Yu, Derpanis, Brubaker. "Wavelet Flow: Fast Training of High Resolution Normalizing
+    Flows." NeurIPS 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowkit import DensityModel, PartRef, ShapeError, hookimpl, param, part_field
+from flowkit.models.stack import build_stack
+
+
+@dataclass(frozen=True, kw_only=True)
+class WaveletFlowParams:
+    decomposition: PartRef = part_field("decomposition", "haar", "orthonormal DWT (haar, db2..db8)")
+    levels: int = param(2, "DWT levels L; the base resolution is the image side / 2^L")
+    depth: tuple[int, ...] = param((8,), "steps per flow, base first then levels 1..L (one value: all)")
+    hidden: tuple[int, ...] = param((64,), "coupling-net width per flow, base first (one value: all)")
+    step: PartRef = part_field("step", "glow", "flow step of the conditional level flows")
+    base_step: PartRef = part_field("step", "glow", "flow step of the unconditional base flow")
+    prior: PartRef = part_field("prior", "conditional_gaussian", "prior of each level's latent, given the context")
+    base_prior: PartRef = part_field("prior", "gaussian", "prior of the base flow's latent")
+    cond_channels: int = param(32, "channels of the conditioning features computed from the low-pass image")
+    cond_depth: int = param(2, "3x3 conv layers of the conditioning net (0: the normalised low-pass image itself)")
+    crops: tuple[int, ...] = param((), "train level j on random crops of 1/crops[j] of each side (base first; 1: whole)")
+
+    def __post_init__(self) -> None:
+        if self.levels < 0:
+            raise ValueError(f"levels = {self.levels} must be >= 0.")
+        for key in ("depth", "hidden", "crops"):
+            value = getattr(self, key)
+            if value and len(value) not in (1, self.levels + 1):
+                raise ValueError(f"{key} has {len(value)} entries; give 1 or levels + 1 = {self.levels + 1} "
+                                 "(base first).")
+            if any(v < 1 for v in value):
+                raise ValueError(f"{key} = {list(value)}: every entry must be >= 1.")
+        if self.cond_channels < 1 or self.cond_depth < 0:
+            raise ValueError("cond_channels must be >= 1 and cond_depth >= 0.")
+
+
+def per_level(values: tuple[int, ...], n: int, default: int = 1) -> list[int]:
+    if not values:
+        return [default] * n
+    return list(values) * n if len(values) == 1 else list(values)
+
+
+class Conditioner(nn.Module):
+    """Features of the normalised low-pass image, computed once per level and shared by its steps.
+
+    The normalised image itself is concatenated to the features, so couplings always see it.
+    """
+
+    def __init__(self, in_channels: int, channels: int, depth: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, channels, 3, padding=1), nn.ReLU()]
+            c = channels
+        self.net = nn.Sequential(*layers)
+        self.out_channels = in_channels + (channels if depth else 0)
+
+    def forward(self, low: Tensor) -> Tensor:
+        if len(self.net) == 0:
+            return low
+        return torch.cat([low, self.net(low)], dim=1)
+
+
+class LevelFlow(nn.Module):
+    """log p(D | I) for one level: conditioner, flow and prior on unit-scale details."""
+
+    def __init__(self, flow: nn.Module, prior: nn.Module, conditioner: Conditioner | None) -> None:
+        super().__init__()
+        self.flow, self.prior, self.conditioner = flow, prior, conditioner
+
+    def context(self, low: Tensor | None) -> Tensor | None:
+        return None if self.conditioner is None else self.conditioner(low)
+
+    def log_prob(self, v: Tensor, low: Tensor | None) -> Tensor:
+        ctx = self.context(low)
+        z, logabsdet = self.flow(v, ctx)
+        return self.prior.log_prob(z, ctx) + logabsdet
+
+    def sample(self, n: int, low: Tensor | None, temperature: float) -> Tensor:
+        ctx = self.context(low)
+        z = self.prior.sample(n, ctx, temperature)
+        return self.flow.inverse(z, ctx)[0]
+
+
+class WaveletFlow(DensityModel):
+    """See the module docstring. Terms: ``base`` = log p(I_0), ``level{j}`` = log p(D_{j-1} | I_{j-1})."""
+
+    def __init__(self, params: WaveletFlowParams, in_shape: tuple[int, int, int], build) -> None:  # noqa: ANN001
+        super().__init__()
+        c, h, w = in_shape
+        L = params.levels
+        if h % 2**L or w % 2**L:
+            fits = max(k for k in range(L + 1) if h % 2**k == 0 and w % 2**k == 0)
+            raise ShapeError(
+                f"model.levels = {L} needs image sides divisible by 2^{L} = {2**L}, but the images are "
+                f"{h}x{w}; allowed for this size: levels <= {fits}."
+            )
+        self.in_shape = (c, h, w)
+        self.levels = L
+        self.decomposition = build(params.decomposition)
+        self.crops = per_level(params.crops, L + 1)
+        depth = per_level(params.depth, L + 1, 8)
+        hidden = per_level(params.hidden, L + 1, 64)
+        defaults = build.default_params
+        from flowkit.params import override_nested
+
+        self.sizes = [(h // 2 ** (L - j), w // 2 ** (L - j)) for j in range(L + 1)]  # I_j sizes
+        flows = {}
+        base_shape = (c, *self.sizes[0])
+        base_step = override_nested(params.base_step, "net", "hidden", hidden[0], defaults)
+        flows["base"] = LevelFlow(
+            build_stack(build, base_step, depth[0], base_shape, None),
+            build(params.base_prior, in_shape=base_shape, context_shape=None), None,
+        )
+        for j in range(1, L + 1):
+            hh, ww = self.sizes[j - 1]
+            conditioner = Conditioner(c, params.cond_channels, params.cond_depth)
+            ctx_shape = (conditioner.out_channels, hh, ww)
+            shape = (3 * c, hh, ww)
+            step = override_nested(params.step, "net", "hidden", hidden[j], defaults)
+            flows[f"level{j}"] = LevelFlow(
+                build_stack(build, step, depth[j], shape, ctx_shape),
+                build(params.prior, in_shape=shape, context_shape=ctx_shape), conditioner,
+            )
+        self.flows = nn.ModuleDict(flows)
+
+    @classmethod
+    def from_params(cls, params: WaveletFlowParams, *, in_shape: tuple[int, int, int], build) -> WaveletFlow:  # noqa: ANN001
+        return cls(params, tuple(in_shape), build)
+
+    # -- pyramid ---------------------------------------------------------------------------
+    def gain(self, j: int) -> float:
+        """DC gain of I_j relative to the image: 2 per 2-D level of an orthonormal DWT."""
+        return 2.0 ** (self.levels - j)
+
+    def pyramid(self, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Low-pass images I_0..I_L (I_L = y - 0.5) and details D_0..D_{L-1}."""
+        lows, details = [y - 0.5], []
+        for _ in range(self.levels):
+            low, detail, _ = self.decomposition.split(lows[0])  # orthonormal: log-det 0
+            lows.insert(0, low)
+            details.insert(0, detail)
+        return lows, details
+
+    def part_dims(self) -> dict[str, int]:
+        c = self.in_shape[0]
+        dims = {"base": c * self.sizes[0][0] * self.sizes[0][1]}
+        for j in range(1, self.levels + 1):
+            hh, ww = self.sizes[j - 1]
+            dims[f"level{j}"] = 3 * c * hh * ww
+        return dims
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {name: [p for p in flow.parameters() if p.requires_grad] for name, flow in self.flows.items()}
+
+    def _inputs(self, name: str, lows: list[Tensor], details: list[Tensor]) -> tuple[Tensor, Tensor | None, float]:
+        """(unit-scale variable, unit-scale context image, log-gain per dimension) of one term."""
+        if name == "base":
+            return lows[0] / self.gain(0), None, math.log(self.gain(0))
+        j = int(name[5:])
+        # D_{j-1} comes from splitting I_j; its coefficients have the scale of I_j.
+        return details[j - 1] / self.gain(j), lows[j - 1] / self.gain(j - 1), math.log(self.gain(j))
+
+    def _crop(self, v: Tensor, low: Tensor | None, crops: int) -> tuple[Tensor, Tensor | None, float]:
+        """A random crop (same window for the variable and its context) and the dims ratio."""
+        if crops == 1 or not self.training:
+            return v, low, 1.0
+        h, w = v.shape[-2:]
+        ch, cw = h // crops, w // crops
+        top = int(torch.randint(0, h - ch + 1, ()))
+        left = int(torch.randint(0, w - cw + 1, ()))
+        v = v[..., top : top + ch, left : left + cw]
+        low = None if low is None else low[..., top : top + ch, left : left + cw]
+        return v, low, (h * w) / (ch * cw)
+
+    def log_prob_parts(self, y: Tensor, parts: list[str] | None = None) -> dict[str, Tensor]:
+        lows, details = self.pyramid(y)
+        terms = {}
+        for index, (name, flow) in enumerate(self.flows.items()):
+            if parts is not None and name not in parts:
+                continue
+            v, low, log_gain = self._inputs(name, lows, details)
+            # Patch-wise training (the paper's top levels): an unbiased estimate of the full term.
+            v, low, ratio = self._crop(v, low, self.crops[index])
+            log_p = flow.log_prob(v, low) - v[0].numel() * log_gain
+            terms[name] = log_p * ratio
+        return terms
+
+    @torch.no_grad()
+    def initialize(self, y: Tensor) -> None:
+        lows, details = self.pyramid(y)
+        for name, flow in self.flows.items():
+            v, low, _ = self._inputs(name, lows, details)
+            flow.flow.initialize(v, flow.context(low))
+
+    # -- sampling --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_base(self, n: int, temperature: float) -> Tensor:
+        return self.flows["base"].sample(n, None, temperature) * self.gain(0)
+
+    @torch.no_grad()
+    def superres(self, low: Tensor, from_level: int, temperature: float = 1.0) -> Tensor:
+        """Samples D_j | I_j coarse to fine from the low-pass image I_{from_level}; returns y in [0, 1)."""
+        if not 0 <= from_level <= self.levels:
+            raise ShapeError(f"--from-level {from_level} is out of range; this model has levels 0..{self.levels}.")
+        for j in range(from_level + 1, self.levels + 1):
+            detail = self.flows[f"level{j}"].sample(len(low), low / self.gain(j - 1), temperature) * self.gain(j)
+            low, _ = self.decomposition.merge(low, detail)
+        return (low + 0.5).clamp(0.0, 1.0 - 1e-6)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        return self.superres(self.sample_base(n, temperature), 0, temperature)
+
+    @torch.no_grad()
+    def reduce(self, y: Tensor, level: int) -> Tensor:
+        """The low-pass image I_level of y (raw scale), the input of super-resolution."""
+        if not 0 <= level <= self.levels:
+            raise ShapeError(f"--from-level {level} is out of range; this model has levels 0..{self.levels}.")
+        return self.pyramid(y)[0][level]
+
+    def low_to_image(self, low: Tensor, level: int) -> Tensor:
+        """I_level shown as an image in [0, 1) (its DC gain removed)."""
+        return (low / self.gain(level) + 0.5).clamp(0.0, 1.0 - 1e-6)
+
+
+@hookimpl
+def flowkit_register_models(register) -> None:  # noqa: ANN001
+    register("wavelet_flow", WaveletFlow.from_params, params=WaveletFlowParams,
+             summary="Wavelet Flow: one conditional flow per level of an orthonormal wavelet pyramid")

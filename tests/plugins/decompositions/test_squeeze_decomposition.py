@@ -1,0 +1,61 @@
+"""The squeeze decomposition: Glow's space-to-depth layout and its split into sub-pixels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowkit import ShapeError
+from flowkit.testing import check_decomposition
+from flowkit_plugins.decompositions.squeeze import SqueezeDecomposition
+
+
+def test_squeeze_layout_on_a_hand_made_2x2_image():
+    # Two channels: p q / r s = 1 2 / 3 4 and 5 6 / 7 8.
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]])
+    s = SqueezeDecomposition().squeeze(x)
+    assert s.shape == (1, 8, 1, 1)
+    # s[:, 4c + 2i + j] = x[:, c, i, j]
+    assert s.flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    low, detail, logabsdet = SqueezeDecomposition().split(x)
+    assert low.flatten().tolist() == [1.0, 5.0]
+    assert detail.flatten().tolist() == [2.0, 3.0, 4.0, 6.0, 7.0, 8.0]
+    assert logabsdet.tolist() == [0.0]
+
+
+def test_squeeze_matches_strided_slices():
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    s = SqueezeDecomposition().squeeze(x)
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                torch.testing.assert_close(s[:, 4 * c + 2 * i + j], x[:, c, i::2, j::2], atol=0, rtol=0)
+    low, detail, _ = SqueezeDecomposition().split(x)
+    torch.testing.assert_close(low, x[:, :, 0::2, 0::2], atol=0, rtol=0)
+    for k, (i, j) in enumerate([(0, 1), (1, 0), (1, 1)]):
+        torch.testing.assert_close(detail[:, k::3], x[:, :, i::2, j::2], atol=0, rtol=0)
+
+
+def test_unsqueeze_inverts_squeeze():
+    squeeze = SqueezeDecomposition()
+    x = torch.randn(2, 3, 6, 4)
+    s = squeeze.squeeze(x)
+    assert s.shape == (2, 12, 3, 2)
+    torch.testing.assert_close(squeeze.unsqueeze(s), x, atol=0, rtol=0)
+    torch.testing.assert_close(squeeze.squeeze(squeeze.unsqueeze(s)), s, atol=0, rtol=0)
+
+
+def test_contract_round_trip_and_brute_force_logabsdet():
+    check_decomposition(SqueezeDecomposition(), torch.randn(2, 3, 4, 2, dtype=torch.float64), atol=1e-12)
+    assert SqueezeDecomposition.orthonormal is True
+
+
+def test_output_shape_and_errors():
+    squeeze = SqueezeDecomposition()
+    assert squeeze.output_shape((3, 8, 6)) == ((3, 4, 3), (9, 4, 3))
+    with pytest.raises(ShapeError, match=r"\(1, 3, 5, 4\)"):
+        squeeze.split(torch.zeros(1, 3, 5, 4))
+    with pytest.raises(ShapeError, match=r"\(1, 6, 2, 2\)"):
+        squeeze.unsqueeze(torch.zeros(1, 6, 2, 2))
+    with pytest.raises(ShapeError, match=r"\(1, 3, 2, 2\).*\(1, 3, 2, 2\)"):
+        squeeze.merge(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2))
