@@ -12,6 +12,7 @@ import traceback
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from flowkit.cli.console import err_console, traceback_requested
 from flowkit.errors import FlowkitError
@@ -26,7 +27,7 @@ class FlowkitGroup(click.Group):
         except FlowkitError as exc:
             if traceback_requested():
                 traceback.print_exc()
-            err_console.print(f"[bold red]Error:[/] {exc}", soft_wrap=True)
+            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
             sys.exit(exc.exit_code)
 
 
@@ -73,6 +74,6 @@ def main() -> None:
         _startup_plugins = make_plugins()
         _startup_plugins.pm.hook.flowkit_add_commands(cli=cli)
     except FlowkitError as exc:
-        err_console.print(f"[bold red]Error:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     cli(prog_name="flowkit")

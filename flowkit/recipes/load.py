@@ -15,7 +15,7 @@ from typing import Any
 
 from flowkit.errors import RecipeError
 from flowkit.params import PartRef, params_to_toml
-from flowkit.recipes.schema import _validate, validate_fields
+from flowkit.recipes.schema import INHERITED, _validate, validate_fields
 from flowkit.recipes.sections import RecipeMeta, SampleParams, TrainParams
 from flowkit.recipes.toml_write import dumps
 from flowkit.registry import Registries
@@ -72,7 +72,13 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             if "use" in value and value["use"] != out[key].get("use"):
-                out[key] = copy.deepcopy(value)  # another part: the old part's keys don't apply
+                # Another part: keys of the old part carry over only if the new part has them
+                # too (a coupling's mask and net survive affine -> additive); the validator
+                # drops the others instead of calling them typos.
+                inherited = {k: v for k, v in out[key].items() if k not in value and k != "use"}
+                out[key] = {**copy.deepcopy(inherited), **copy.deepcopy(value)}
+                if inherited:
+                    out[key][INHERITED] = sorted(inherited)
             else:
                 out[key] = deep_merge(out[key], value)
         else:

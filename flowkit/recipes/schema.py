@@ -17,6 +17,8 @@ from flowkit.params import PartRef
 from flowkit.registry import Registries
 
 RESERVED = "use"
+#: Keys a table inherited from the part it replaced (see `flowkit.recipes.load.deep_merge`).
+INHERITED = "__inherited__"
 
 
 def type_name(tp: Any) -> str:
@@ -117,6 +119,8 @@ def validate_fields(
     """Builds a ``params_cls`` from ``table``, appending problems instead of raising."""
     types = field_types(params_cls)
     fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    inherited = set(table.get(INHERITED, ()))
+    table = {k: v for k, v in table.items() if k != INHERITED and not (k in inherited and k not in types)}
     values: dict[str, Any] = {}
     owner = f"{kind} {name}".strip() or "this table"
     for key, value in table.items():

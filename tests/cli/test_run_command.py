@@ -1,0 +1,157 @@
+"""`flowkit run` end to end on the smoke preset: outputs, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from flowkit.cli import _add_commands, cli
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "wavelet_flow_affine.toml"
+_add_commands()
+
+
+def flowkit(*args: str):  # noqa: ANN201 - click Result
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_smoke_run_writes_a_complete_run_directory(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = flowkit("run", str(RECIPE), "--preset", "smoke", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("test_bpd", "train_bpd", "params", "train_images_per_s", "peak_memory_bytes", "wall_s", "steps"):
+        assert key in summary, key
+    assert np.isfinite(summary["test_bpd"]) and summary["steps"] == 3
+    assert set(summary["test_bpd_per_part"]) == {"base", "level1", "level2"}
+    # The whole-image bpd is the dims-weighted mean of the per-level bpds (log q = 0 here).
+    dims = {"base": 49, "level1": 147, "level2": 588}
+    weighted = sum(dims[k] * v for k, v in summary["test_bpd_per_part"].items()) / 784
+    assert summary["test_bpd"] == pytest.approx(weighted, abs=1e-6)
+    assert (out / "samples" / "samples-T1.png").is_file() and (out / "samples" / "samples-T0.7.png").is_file()
+    assert (out / "recipe.toml").is_file() and (out / "metrics.jsonl").is_file() and (out / "report.md").is_file()
+    assert "test bits/dim" in result.output
+
+    again = flowkit("run", str(RECIPE), "--preset", "smoke", "--out", str(out))
+    assert again.exit_code == 2 and "already exists" in again.output
+
+    sampled = flowkit("sample", str(out), "--n", "4", "--temperature", "0.5")
+    assert sampled.exit_code == 0 and (out / "samples" / "sample-T0.5.png").is_file()
+    sr = flowkit("superres", str(out), "--from-level", "1", "--images", "2", "--samples", "2")
+    assert sr.exit_code == 0 and (out / "samples" / "superres-from-level1-T0.8.png").is_file()
+
+
+def test_rerunning_the_resolved_recipe_reproduces_the_run(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert flowkit("run", str(RECIPE), "--preset", "smoke", "--out", str(first)).exit_code == 0
+    assert flowkit("run", str(first / "recipe.toml"), "--out", str(second)).exit_code == 0
+    a = json.loads((first / "summary.json").read_text())
+    b = json.loads((second / "summary.json").read_text())
+    assert a["test_bpd"] == b["test_bpd"]
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    args = ["--preset", "smoke", "--set", "train.steps=4", "--set", "train.checkpoint_every=2"]
+    assert flowkit("run", str(RECIPE), *args, "--out", str(straight)).exit_code == 0
+    # A copy that was interrupted after step 2: only the step-2 checkpoint.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(straight / "recipe.toml", resumed / "recipe.toml")
+    shutil.copytree(straight / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    (resumed / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "path": "step-00000002"}))
+    result = flowkit("run", "--resume", str(resumed))
+    assert result.exit_code == 0, result.output
+    a = load_file(str(straight / "checkpoints" / "step-00000004" / "weights.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step-00000004" / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flowkit", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.step.coupling.use=afine"], 'Did you mean "affine"?'),
+        (["model.levles=2"], 'Did you mean "levels"?'),
+        (["train.lr=fast"], "should be float"),
+        (["model.levels=3"], "model.levels = 3 needs image sides divisible by 2^3"),
+        (["data.n_bits=0"], "n_bits = 0 is out of range"),
+        (["data.use=npz", "data.path=missing.npz"], "missing.npz"),
+    ],
+)
+def test_bad_input_gives_one_paragraph_and_exit_2(tmp_path: Path, overrides: list[str], expected: str) -> None:
+    args = ["run", str(RECIPE), "--preset", "smoke", "--out", str(tmp_path / "run")]
+    for item in overrides:
+        args += ["--set", item]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert str(RECIPE) in result.stderr or "missing.npz" in expected
+    assert not (tmp_path / "run").exists(), "bad input must not create a run directory"
+
+
+def test_non_uint8_dataset_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "floats.npz"
+    np.savez(path, x_train=np.zeros((4, 8, 8), np.float32), x_test=np.zeros((2, 8, 8), np.float32))
+    result = run_cli("run", str(RECIPE), "--preset", "smoke", "--set", "data.use=npz", "--set",
+                     f"data.path={path}", cwd=tmp_path)
+    assert result.returncode == 2 and "uint8" in result.stderr and "floats.npz" in result.stderr
+
+
+def test_traceback_only_when_asked(tmp_path: Path) -> None:
+    result = run_cli("--traceback", "run", str(RECIPE), "--set", "train.lr=fast", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+NAN_PLUGIN = '''
+import torch
+from flowkit import hookimpl
+from flowkit_plugins.models.wavelet_flow import WaveletFlow, WaveletFlowParams
+
+class Exploding(WaveletFlow):
+    calls = 0
+    def log_prob_parts(self, y, parts=None):
+        terms = super().log_prob_parts(y, parts)
+        if self.training:
+            Exploding.calls += 1
+            if Exploding.calls == 3:
+                terms["level2"] = terms["level2"] * float("nan")
+        return terms
+
+@hookimpl
+def flowkit_register_models(register):
+    register("exploding", Exploding.from_params, params=WaveletFlowParams)
+'''
+
+
+def test_nan_loss_stops_with_level_and_step_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "exploding_plugin.py").write_text(NAN_PLUGIN)
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "flowkit", "-p", "exploding_plugin", "run", str(RECIPE), "--preset", "smoke",
+         "--set", "model.use=exploding", "--set", "train.steps=5", "--set", "train.checkpoint_every=1",
+         "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "step 3" in result.stderr and "level2" in result.stderr and "Traceback" not in result.stderr
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 2
+    weights = load_file(str(out / "checkpoints" / latest["path"] / "weights.safetensors"))
+    assert all(np.isfinite(v.numpy()).all() for v in weights.values())
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
