@@ -17,7 +17,7 @@ from flowkit.cli.console import console
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per plugin) instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, one object per plugin.")
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """List the installed plugins: package, version, hooks and the parts they register."""
@@ -26,16 +26,17 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="Plugins", title_justify="left")
-    table.add_column("Plugin", style="bold", overflow="fold")
+    table.add_column("Plugin", style="bold", no_wrap=True)
     table.add_column("Package", overflow="fold")
-    table.add_column("Version", overflow="fold")
     table.add_column("Hooks", overflow="fold")
     table.add_column("Parts", overflow="fold")
     for row in rows:
-        table.add_row(
-            escape(row["name"]), escape(row["package"]), escape(row["version"]),
-            "\n".join(h.removeprefix("flowkit_") for h in row["hooks"]), ", ".join(row["parts"]) or "[dim](none)[/]",
-        )
+        package = f"{row['package']} {row['version']}".strip()
+        # The table is short ("couplings", "affine"); the JSON has "flowkit_register_couplings"
+        # and "coupling:affine".
+        hooks = ", ".join(h.removeprefix("flowkit_").removeprefix("register_") for h in row["hooks"])
+        parts = ", ".join(p.partition(":")[2] for p in row["parts"]) or "[dim](none)[/]"
+        table.add_row(escape(row["name"]), escape(package), hooks, parts)
     console.print(table)
 
 

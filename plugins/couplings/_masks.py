@@ -1,0 +1,154 @@
+"""Shared pieces of the mask-based couplings: which entries condition, which are transformed.
+
+Two masks split an input ``(B, C, H, W)``:
+
+- ``channel``: the channels in two halves, the first ``C // 2`` and the rest. ``parity=0``
+  transforms the second half given the first (Glow's ``z2`` given ``z1``); ``parity=1`` the
+  reverse. The net sees the conditioning half only.
+- ``checkerboard``: pixels ``(i, j)`` with ``(i + j) % 2 == parity`` condition, the others are
+  transformed (RealNVP). The net sees the masked input ``x * mask`` with all ``C`` channels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from flowkit import PartRef, ShapeError, Transform
+from flowkit.contracts.transform import logdet_dtype, zeros_logabsdet
+
+Shape = tuple[int, ...]
+MaskKind = Literal["channel", "checkerboard"]
+
+
+def checkerboard(height: int, width: int, parity: int) -> Tensor:
+    """A ``(1, 1, H, W)`` bool mask, true where ``(i + j) % 2 == parity`` (the conditioning pixels)."""
+    rows = torch.arange(height).view(-1, 1)
+    cols = torch.arange(width).view(1, -1)
+    return ((rows + cols) % 2 == parity).view(1, 1, height, width)
+
+
+def check_parity(parity: int) -> None:
+    """Range check shared by the coupling Params (a ValueError, reported by the recipe loader)."""
+    if parity not in (0, 1):
+        raise ValueError(f"parity = {parity} must be 0 or 1.")
+
+
+class MaskedCoupling(Transform):
+    """Base of couplings that transform one part of the input given the other and the context.
+
+    Subclasses set ``params_per_entry`` (net outputs per transformed entry) and implement
+    ``_transform(x_trans, h) -> (z_trans, log_scale)`` and
+    ``_untransform(z_trans, h) -> (x_trans, log_scale)``, where ``h`` is the net output in at
+    least float32 and ``log_scale`` the elementwise log|dz/dx| of the forward map (``None`` when
+    volume-preserving). Entries outside the transformed part are excluded here.
+    """
+
+    params_per_entry: int = 1
+
+    def __init__(
+        self, in_shape: Shape, *, mask: MaskKind, parity: int, net: PartRef, context_shape: Shape | None,
+        build: Any,
+    ) -> None:
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ShapeError(f"{type(self).__name__} expects in_shape = (C, H, W), got {tuple(in_shape)}.")
+        channels, height, width = (int(s) for s in in_shape)
+        self.in_shape = (channels, height, width)
+        self.mask_kind = mask
+        self.parity = parity
+        self.context_shape = context_shape
+        if mask == "channel":
+            if channels < 2:
+                raise ShapeError(
+                    f"{type(self).__name__} cannot split {channels} channel(s) in halves with a channel "
+                    'mask; use mask = "checkerboard" for single-channel inputs.'
+                )
+            first = channels // 2
+            self.cond_channels = first if parity == 0 else channels - first
+            self.trans_channels = channels - self.cond_channels
+            self._first = first
+        elif mask == "checkerboard":
+            self.cond_channels = self.trans_channels = channels
+            self.register_buffer("mask", checkerboard(height, width, parity), persistent=False)
+        else:
+            raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard".')
+        self.net = build(
+            net, in_shape=(self.cond_channels, height, width), context_shape=context_shape,
+            out_channels=self.params_per_entry * self.trans_channels,
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.in_shape:
+            c, h, w = self.in_shape
+            raise ShapeError(
+                f"{type(self).__name__} expected input of shape (B, {c}, {h}, {w}), got {tuple(x.shape)}."
+            )
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_cond, x_trans)``: what the net sees and what is transformed."""
+        if self.mask_kind == "channel":
+            first, rest = x[:, : self._first], x[:, self._first :]
+            return (first, rest) if self.parity == 0 else (rest, first)
+        return x * self.mask, x
+
+    def merge(self, x_cond: Tensor, z_trans: Tensor) -> Tensor:
+        """The inverse of `split` with the transformed part replaced by ``z_trans``."""
+        if self.mask_kind == "channel":
+            parts = (x_cond, z_trans) if self.parity == 0 else (z_trans, x_cond)
+            return torch.cat(parts, dim=1)
+        return torch.where(self.mask, x_cond, z_trans)
+
+    def sum_transformed(self, values: Tensor) -> Tensor:
+        """Per-sample sum of ``values`` over the transformed entries only."""
+        if self.mask_kind == "checkerboard":
+            values = values.masked_fill(self.mask, 0.0)
+        return values.sum(dim=(1, 2, 3))
+
+    def _net_output(self, x_cond: Tensor, context: Tensor | None, dtype: torch.dtype) -> Tensor:
+        return self.net(x_cond, context).to(dtype)
+
+    def _transform(self, x_trans: Tensor, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def _untransform(self, z_trans: Tensor, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_context(x, context)
+        self._check_input(x)
+        dtype = logdet_dtype(x)
+        x_cond, x_trans = self.split(x)
+        h = self._net_output(x_cond, context, dtype)
+        z_trans, log_scale = self._transform(x_trans.to(dtype), h)
+        z = self.merge(x_cond, z_trans.to(x.dtype))
+        if log_scale is None:
+            return z, zeros_logabsdet(x)
+        return z, self.sum_transformed(log_scale)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_context(z, context)
+        self._check_input(z)
+        dtype = logdet_dtype(z)
+        z_cond, z_trans = self.split(z)
+        h = self._net_output(z_cond, context, dtype)
+        x_trans, log_scale = self._untransform(z_trans.to(dtype), h)
+        x = self.merge(z_cond, x_trans.to(z.dtype))
+        if log_scale is None:
+            return x, zeros_logabsdet(z)
+        return x, -self.sum_transformed(log_scale)
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, context: Tensor | None = None) -> None:
+        """Passes the conditioning part to the net's own ``initialize`` (actnorm inside the net)."""
+        self.check_context(x, context)
+        self._check_input(x)
+        init = getattr(self.net, "initialize", None)
+        if init is not None:
+            x_cond, _ = self.split(x)
+            init(x_cond, context)
+
+    def extra_repr(self) -> str:
+        return f"in_shape={self.in_shape}, mask={self.mask_kind}, parity={self.parity}"

@@ -1,0 +1,148 @@
+"""``net:glow_cnn``: Glow's coupling network, 3x3 -> 1x1 -> 3x3 with a zero-initialised output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowkit import PartRef, ShapeError, hookimpl, param
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlowCNNParams:
+    hidden: int = param(64, "channels of the hidden layers (Glow uses 512)")
+    blocks: int = param(0, "extra residual 3x3 blocks after the 1x1 layer (Wavelet Flow uses 3)")
+    actnorm: bool = param(False, "actnorm after each hidden convolution, as Glow does")
+    output_scale: bool = param(True, "multiply the output by exp(3 * logs), logs zero-initialised (Glow)")
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ValueError(f"hidden = {self.hidden} must be >= 1.")
+        if self.blocks < 0:
+            raise ValueError(f"blocks = {self.blocks} must be >= 0.")
+
+
+class GlowCNN(nn.Module):
+    """Conditioner ``(x, context) -> (B, out_channels, H, W)``: Glow's ``NN()``.
+
+    ``conv3x3(C + Cc -> hidden) -> ReLU -> conv1x1 -> ReLU -> [residual blocks] -> conv3x3(-> out)``.
+    The context is concatenated to the input channels: a spatial context ``(B, Cc, H, W)`` as
+    is, a vector context ``(B, Cc)`` broadcast over the pixels. The last convolution (weights
+    and bias) is zero, so a coupling using this net starts as its identity-like map; with
+    ``output_scale`` its output is multiplied by ``exp(3 * logs)`` with a per-channel ``logs``
+    starting at zero (Glow's ``Conv2dZeros``). Each residual block is
+    ``h + conv3x3(ReLU(conv3x3(h)))``. With ``actnorm`` the hidden convolutions have no bias
+    and are followed by actnorm, initialised by `initialize`.
+
+    Example:
+        >>> import flowkit
+        >>> net = flowkit.build("net", "glow_cnn", in_shape=(2, 8, 8), out_channels=4)
+    """
+
+    def __init__(
+        self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None = None, hidden: int = 64,
+        blocks: int = 0, actnorm: bool = False, output_scale: bool = True, build: Any = None,
+    ) -> None:
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ShapeError(f"GlowCNN expects in_shape = (C, H, W), got {tuple(in_shape)}.")
+        channels, height, width = (int(s) for s in in_shape)
+        self.in_shape = (channels, height, width)
+        self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
+        context_channels = 0
+        if self.context_shape is not None:
+            if len(self.context_shape) == 3 and self.context_shape[1:] != (height, width):
+                raise ShapeError(
+                    f"GlowCNN got a context of shape {self.context_shape} for inputs of shape "
+                    f"{self.in_shape}; a spatial context needs the same height and width ({height}, {width})."
+                )
+            if len(self.context_shape) not in (1, 3):
+                raise ShapeError(
+                    f"GlowCNN accepts a context of shape (Cc,) or (Cc, {height}, {width}), got {self.context_shape}."
+                )
+            context_channels = self.context_shape[0]
+        self.out_channels = out_channels
+        self.conv_in = nn.Conv2d(channels + context_channels, hidden, 3, padding=1, bias=not actnorm)
+        self.conv_mid = nn.Conv2d(hidden, hidden, 1, bias=not actnorm)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(hidden, hidden, 3, padding=1))
+            for _ in range(blocks)
+        )
+        self.norms = nn.ModuleList()
+        if actnorm:
+            if build is None:
+                raise ValueError("GlowCNN(actnorm=True) needs `build` to create its actnorm layers.")
+            self.norms.extend(
+                build(PartRef("transform", "actnorm"), in_shape=(hidden, height, width), context_shape=None)
+                for _ in range(2)
+            )
+        self.conv_out = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1)) if output_scale else None
+
+    @classmethod
+    def from_params(
+        cls, params: GlowCNNParams, *, in_shape: Shape, out_channels: int, context_shape: Shape | None = None,
+        build: Any = None,
+    ) -> GlowCNN:
+        """Glow's coupling network: 3x3, 1x1, 3x3 convolutions, zero-initialised output."""
+        return cls(in_shape, out_channels=out_channels, context_shape=context_shape, hidden=params.hidden,
+                   blocks=params.blocks, actnorm=params.actnorm, output_scale=params.output_scale, build=build)
+
+    def _input(self, x: Tensor, context: Tensor | None) -> Tensor:
+        if self.context_shape is None:
+            if context is not None:
+                raise ShapeError(
+                    f"GlowCNN was built without context but was given a context of shape {tuple(context.shape)}."
+                )
+            return x
+        if context is None:
+            raise ShapeError(f"GlowCNN was built with context of shape {self.context_shape} but was called without.")
+        if tuple(context.shape[1:]) != self.context_shape or context.shape[0] != x.shape[0]:
+            raise ShapeError(
+                f"GlowCNN expected a context of shape (B, {', '.join(map(str, self.context_shape))}) with "
+                f"B = {x.shape[0]}, got {tuple(context.shape)}."
+            )
+        if context.dim() == 2:
+            context = context[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+        return torch.cat([x, context.to(x.dtype)], dim=1)
+
+    def _norm(self, index: int, h: Tensor, init: bool) -> Tensor:
+        if not len(self.norms):
+            return h
+        if init:
+            self.norms[index].initialize(h)
+        return self.norms[index](h)[0]
+
+    def _hidden(self, x: Tensor, context: Tensor | None, init: bool = False) -> Tensor:
+        h = F.relu(self._norm(0, self.conv_in(self._input(x, context)), init))
+        h = F.relu(self._norm(1, self.conv_mid(h), init))
+        for block in self.blocks:
+            h = h + block(h)
+        return h
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        out = self.conv_out(self._hidden(x, context))
+        if self.logs is not None:
+            out = out * torch.exp(3.0 * self.logs)
+        return out
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, context: Tensor | None = None) -> None:
+        """Data-dependent initialisation of the actnorm layers (nothing to do without them)."""
+        if len(self.norms):
+            self._hidden(x, context, init=True)
+
+
+@hookimpl
+def flowkit_register_nets(register: Any) -> None:
+    register("glow_cnn", GlowCNN.from_params, params=GlowCNNParams,
+             summary="Glow's coupling network: conv 3x3, 1x1, 3x3, zero-initialised output")

@@ -1,0 +1,122 @@
+"""Prior ``learned_gaussian``: a diagonal Gaussian with a learned mean and log-scale (Glow's top prior)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from flowkit import Prior, ShapeError, hookimpl, param
+
+if TYPE_CHECKING:
+    from flowkit.registry import RegisterFn
+
+Shape = tuple[int, ...]
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnedGaussianParams:
+    per: Literal["channel", "element"] = param(
+        "channel", "one mean and log-scale per channel (Glow's learntop) or per latent element"
+    )
+
+
+class LearnedGaussian(Prior):
+    r"""A diagonal Gaussian whose mean and log-scale are learned parameters, both starting at zero.
+
+    .. math::
+
+        \log p(z) = \sum_i \Big[ -\tfrac12 \big(\tfrac{z_i - \mu_i}{\sigma_i}\big)^2
+            - \log\sigma_i - \tfrac12 \log 2\pi \Big], \qquad \sigma = e^{\text{log\_scale}},
+
+    summed in at least float32 with autocast off. With ``per = "channel"`` (the default)
+    ``mu`` and ``log_scale`` have shape ``(C, 1, 1)`` and are shared by all pixels of a channel:
+    Glow's ``learntop``, a zero-initialised convolution applied to zeros, reduces to exactly
+    that (its output is its per-channel bias). ``per = "element"`` learns one pair per latent
+    value. At initialisation the prior is N(0, I).
+
+    The prior is unconditional: ``context_shape`` is ``None`` even when the factory is given
+    one, and passing a context raises `ShapeError`. Temperature ``T`` scales the standard
+    deviation: samples are ``mu + T * sigma * eps``; ``T = 0`` gives the mean.
+
+    Args:
+        shape: ``(C, H, W)`` (or any shape whose first entry is the channel count).
+        per: ``"channel"`` or ``"element"``.
+
+    References:
+        Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018
+        (openai/glow ``model.py``, ``prior()`` with ``learntop``).
+
+    Example:
+        >>> prior = LearnedGaussian((3, 4, 4))
+        >>> prior.log_prob(torch.zeros(2, 3, 4, 4)).shape
+        torch.Size([2])
+    """
+
+    def __init__(self, shape: Shape, *, per: str = "channel") -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.context_shape = None
+        if not self.shape or min(self.shape) < 1:
+            raise ShapeError(f"A learned Gaussian prior needs a non-empty shape of positive sizes, got {self.shape}.")
+        if per not in ("channel", "element"):
+            raise ValueError(f'per = "{per}" is not allowed; allowed: "channel", "element".')
+        self.per = per
+        param_shape = (self.shape[0], *([1] * (len(self.shape) - 1))) if per == "channel" else self.shape
+        self.loc = nn.Parameter(torch.zeros(param_shape))
+        self.log_scale = nn.Parameter(torch.zeros(param_shape))
+
+    @classmethod
+    def from_params(
+        cls, params: LearnedGaussianParams, *, in_shape: Shape, context_shape: Shape | None = None,
+        build: Callable[..., Any] | None = None,
+    ) -> LearnedGaussian:
+        """A Gaussian over ``in_shape`` with learned mean and log-scale; a ``context_shape`` is not used."""
+        return cls(in_shape, per=params.per)
+
+    def _check_context_none(self, context: Tensor | None) -> None:
+        if context is not None:
+            raise ShapeError(
+                f"The learned_gaussian prior is unconditional but was given a context of shape "
+                f"{tuple(context.shape)}; call it without context."
+            )
+
+    def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        self._check_context_none(context)
+        if tuple(z.shape[1:]) != self.shape:
+            raise ShapeError(
+                f"The learned_gaussian prior expected latents of shape (B, {', '.join(map(str, self.shape))}), "
+                f"got {tuple(z.shape)}."
+            )
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            dtype = torch.promote_types(torch.promote_types(z.dtype, self.loc.dtype), torch.float32)
+            loc, log_scale = self.loc.to(dtype), self.log_scale.to(dtype)
+            scaled = (z.to(dtype) - loc) * torch.exp(-log_scale)
+            per_value = -0.5 * scaled.square() - log_scale - 0.5 * LOG_2PI
+            return per_value.flatten(1).sum(1)
+
+    def mean(self, n: int, context: Tensor | None = None) -> Tensor:
+        self._check_context_none(context)
+        return self.loc.expand(self.shape).unsqueeze(0).expand(n, *self.shape).clone()
+
+    def sample(self, n: int, context: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+        """``mu + temperature * sigma * eps`` with ``eps ~ N(0, I)``, of shape ``(n, *shape)``."""
+        mean = self.mean(n, context)
+        if temperature == 0:
+            return mean
+        eps = torch.randn_like(mean)
+        return mean + temperature * torch.exp(self.log_scale) * eps
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, per={self.per}"
+
+
+@hookimpl
+def flowkit_register_priors(register: RegisterFn) -> None:
+    register("learned_gaussian", LearnedGaussian.from_params, params=LearnedGaussianParams,
+             summary="diagonal Gaussian with learned mean and log-scale, zero-initialised (Glow's learntop)")

@@ -1,0 +1,26 @@
+"""Shared fixtures: a seeded RNG for every test and a fresh plugin manager on request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from flowkit.plugins import Plugins, make_plugins
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng() -> Iterator[None]:
+    """Every test starts from seed 0, and its draws do not leak into the next test."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
+@pytest.fixture
+def plugins() -> Plugins:
+    """A new plugin manager per test, with every installed entry point (as pluggy's ``pm``)."""
+    return make_plugins()

@@ -1,0 +1,227 @@
+"""coupling:mixlogistic: round trips (tails included), log-det against autograd, gradients at extremes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from flowkit_plugins.couplings.mixlogistic import (
+    InverseDidNotConverge,
+    invert_logit_mixture_cdf,
+    logit_mixture_cdf,
+    split_net_output,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flowkit
+from flowkit.plugins import make_plugins
+from flowkit.testing import check_gradients, check_transform, jacobian_logabsdet, randomize_
+
+MODULES = ["flowkit_plugins.couplings.mixlogistic", "flowkit_plugins.nets.gated_resnet"]
+NET = {"use": "gated_resnet", "hidden": 8, "blocks": 1, "heads": 2, "dropout": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: one thread avoids OpenMP hand-off costs on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    return make_plugins(entry_points=False, extra=MODULES)
+
+
+def make(plugins, shape=(2, 4, 4), scale=0.3, **kwargs):
+    kwargs.setdefault("net", NET)
+    kwargs.setdefault("components", 3)
+    t = flowkit.build("coupling", "mixlogistic", plugins=plugins, in_shape=shape, **kwargs).double()
+    return randomize_(t, scale).eval()
+
+
+def random_mixture(shape, k, spread=3.0, dtype=torch.float64):
+    log_pi = F.log_softmax(spread * torch.randn(shape[0], k, *shape[1:], dtype=dtype), dim=1)
+    mu = spread * torch.randn(shape[0], k, *shape[1:], dtype=dtype)
+    log_s = (2.0 * torch.randn(shape[0], k, *shape[1:], dtype=dtype)).clamp(-7, 7)
+    return log_pi, mu, log_s
+
+
+@pytest.mark.parametrize("mask", ["channel", "checkerboard"])
+@pytest.mark.parametrize("parity", [0, 1])
+def test_round_trip_and_logdet_match_autograd_jacobian(plugins, mask, parity):
+    t = make(plugins, mask=mask, parity=parity)
+    x = 3.0 * torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    check_transform(t, x)
+    z, _ = t(x)
+    assert not torch.allclose(z, x), "the randomized coupling should change its input"
+
+
+def test_channel_mask_with_odd_channels(plugins):
+    check_transform(make(plugins, shape=(3, 2, 2), mask="channel", parity=1), torch.randn(2, 3, 2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("parity", [0, 1])
+def test_checkerboard_transforms_only_the_other_colour(plugins, parity):
+    t = make(plugins, shape=(1, 4, 4), mask="checkerboard", parity=parity)
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    z, _ = t(x)
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    conditioning = (rows + cols) % 2 == parity
+    torch.testing.assert_close(z[:, 0][:, conditioning], x[:, 0][:, conditioning], atol=0, rtol=0)
+    assert (z[:, 0][:, ~conditioning] != x[:, 0][:, ~conditioning]).all()
+
+
+def test_round_trip_far_in_the_tails(plugins):
+    t = make(plugins, scale=0.5)
+    x = torch.tensor([-1e3, -200.0, -50.0, -12.0, 12.0, 50.0, 200.0, 1e3], dtype=torch.float64)
+    x = x.repeat(8).view(2, 2, 4, 4)
+    z, logabsdet = t(x)
+    assert torch.isfinite(z).all() and torch.isfinite(logabsdet).all()
+    x_back, inv_logabsdet = t.inverse(z)
+    assert (x_back - x).abs().max() < 1e-4
+    torch.testing.assert_close(inv_logabsdet, -logabsdet, atol=1e-6, rtol=1e-8)
+
+
+def test_bisection_inverse_is_accurate_for_extreme_mixtures():
+    shape = (64, 3, 1, 1)
+    log_pi, mu, log_s = random_mixture(shape, 5, spread=6.0)
+    x = (torch.rand(shape, dtype=torch.float64) - 0.5) * torch.logspace(-3, 3, 64, dtype=torch.float64).view(-1, 1, 1, 1)
+    t, _ = logit_mixture_cdf(x, log_pi, mu, log_s)
+    assert torch.isfinite(t).all()
+    x_back = invert_logit_mixture_cdf(t, log_pi, mu, log_s, tol=1e-6, max_iter=200)
+    allowed = 1e-6 + 8 * torch.finfo(torch.float64).eps * x.abs()
+    assert ((x_back - x).abs() <= allowed).all(), (x_back - x).abs().max()
+
+
+def test_float32_inverse_is_as_accurate_as_the_float32_map():
+    # Where narrow components leave F flat, float32 rounding of t alone moves the root by
+    # ulp(t) / g'(x): the test is the residual g(x_back) - t, which the solver controls.
+    shape = (64, 3, 1, 1)
+    log_pi, mu, log_s = random_mixture(shape, 5, spread=6.0, dtype=torch.float32)
+    x = (torch.rand(shape) - 0.5) * torch.logspace(-3, 3, 64).view(-1, 1, 1, 1)
+    t, _ = logit_mixture_cdf(x, log_pi, mu, log_s)
+    x_back = invert_logit_mixture_cdf(t, log_pi, mu, log_s, tol=1e-6, max_iter=200)
+    t_back, log_deriv = logit_mixture_cdf(x_back, log_pi, mu, log_s)
+    eps = torch.finfo(torch.float32).eps
+    slack = 64 * eps * (1 + t.abs()) + log_deriv.exp() * (1e-6 + 8 * eps * x_back.abs())
+    assert ((t_back - t).abs() <= slack).all(), ((t_back - t).abs() / slack).max()
+    # Where the map is well conditioned the root itself is recovered.
+    good = log_deriv > -2
+    assert ((x_back - x).abs()[good] <= 1e-4 * (1 + x.abs()[good])).all()
+
+
+def test_inverse_that_cannot_converge_raises():
+    log_pi, mu, log_s = random_mixture((4, 2, 1, 1), 3)
+    t = torch.randn(4, 2, 1, 1, dtype=torch.float64)
+    with pytest.raises(InverseDidNotConverge, match="max_iter = 2"):
+        invert_logit_mixture_cdf(t, log_pi, mu, log_s, tol=1e-12, max_iter=2)
+
+
+def test_logit_mixture_cdf_gradcheck():
+    log_pi, mu, log_s = random_mixture((2, 1, 2, 2), 3)
+    x = 2.0 * torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    inputs = [v.clone().requires_grad_() for v in (x, log_pi, mu, log_s)]
+    assert torch.autograd.gradcheck(lambda *a: logit_mixture_cdf(*a), inputs)
+
+
+def test_log_derivative_matches_autograd():
+    log_pi, mu, log_s = random_mixture((3, 2, 2, 2), 4)
+    x = (5.0 * torch.randn(3, 2, 2, 2, dtype=torch.float64)).requires_grad_()
+    t, log_deriv = logit_mixture_cdf(x, log_pi, mu, log_s)
+    (grad,) = torch.autograd.grad(t.sum(), x)
+    torch.testing.assert_close(log_deriv, grad.log(), atol=1e-10, rtol=1e-10)
+
+
+def test_identical_components_give_the_identity():
+    h = torch.zeros(2, (2 + 3 * 4) * 3, 2, 2, dtype=torch.float64)
+    _, _, log_pi, mu, log_s = split_net_output(h, 4)
+    x = 4.0 * torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    t, log_deriv = logit_mixture_cdf(x, log_pi, mu, log_s)
+    torch.testing.assert_close(t, x, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(log_deriv, torch.zeros_like(x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("magnitude", [1e2, 1e4])
+def test_gradients_are_finite_at_extreme_parameters(magnitude):
+    k = 4
+    h = (magnitude * torch.randn(2, (2 + 3 * k) * 2, 2, 2, dtype=torch.float32)).requires_grad_()
+    x = torch.tensor([-1e4, -30.0, 0.0, 30.0, 1e4, 3.0, -3.0, 1e-3]).repeat(2).view(2, 2, 2, 2).requires_grad_()
+    a, b, log_pi, mu, log_s = split_net_output(h, k)
+    t, log_deriv = logit_mixture_cdf(x, log_pi, mu, log_s)
+    y = t * torch.exp(a) + b
+    loss = (y.square().sum() - (log_deriv + a).sum()) * 1e-6
+    loss.backward()
+    assert torch.isfinite(y).all() and torch.isfinite(log_deriv).all()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(x.grad).all()
+
+
+def test_every_parameter_gets_a_finite_gradient(plugins):
+    t = make(plugins, mask="checkerboard")
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    z, logabsdet = t(x)
+    check_gradients(t, -(logabsdet - 0.5 * z.square().sum(dim=(1, 2, 3))).mean())
+
+
+def test_context_is_used_and_checked(plugins):
+    t = make(plugins, mask="checkerboard", context_shape=(3, 4, 4))
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    context = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    check_transform(t, x, context)
+    assert not torch.allclose(t(x, context)[0], t(x, context + 1.0)[0])
+    with pytest.raises(flowkit.ShapeError):
+        t(x)
+    with pytest.raises(flowkit.ShapeError):
+        make(plugins)(x, context)
+
+
+def test_vector_context_with_a_channel_mask(plugins):
+    t = make(plugins, mask="channel", context_shape=(5,))
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    context = torch.randn(2, 5, dtype=torch.float64)
+    z, logabsdet = t(x, context)
+    x_back, _ = t.inverse(z, context)
+    torch.testing.assert_close(x_back, x, atol=1e-6, rtol=0)
+    brute = jacobian_logabsdet(lambda v: t(v, context[:1])[0], x[:1])
+    torch.testing.assert_close(logabsdet[:1], brute, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_shapes_are_explained(plugins):
+    with pytest.raises(flowkit.ShapeError, match="even width"):
+        make(plugins, shape=(2, 4, 3), mask="checkerboard")
+    with pytest.raises(flowkit.ShapeError, match="cannot split 1 channel"):
+        make(plugins, shape=(1, 4, 4), mask="channel")
+    with pytest.raises(flowkit.ShapeError, match=r"expected input of shape \(B, 2, 4, 4\)"):
+        make(plugins)(torch.randn(2, 2, 4, 6, dtype=torch.float64))
+
+
+def test_bf16_autocast_keeps_logdet_in_float32(plugins):
+    t = flowkit.build("coupling", "mixlogistic", plugins=plugins, in_shape=(2, 4, 4), components=3, net=NET)
+    x = torch.randn(2, 2, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, logabsdet = t(x)
+    assert z.dtype == torch.float32 and logabsdet.dtype == torch.float32
+    assert torch.isfinite(logabsdet).all()
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    k=st.integers(1, 6),
+    spread=st.floats(0.1, 8.0),
+    magnitude=st.floats(1e-2, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_mixture_cdf_is_monotone_and_inverts_to_tol(k, spread, magnitude, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, k, 1, 1, 1)
+    log_pi = F.log_softmax(spread * torch.randn(shape, generator=generator, dtype=torch.float64), dim=1)
+    mu = spread * torch.randn(shape, generator=generator, dtype=torch.float64)
+    log_s = (spread * torch.randn(shape, generator=generator, dtype=torch.float64)).clamp(-7, 7)
+    x = torch.linspace(-magnitude, magnitude, 101, dtype=torch.float64).view(1, 1, 1, 101)
+    t, log_deriv = logit_mixture_cdf(x, log_pi, mu, log_s)
+    assert (t.diff(dim=-1) >= 0).all() and torch.isfinite(log_deriv).all()
+    x_back = invert_logit_mixture_cdf(t, log_pi, mu, log_s, tol=1e-6, max_iter=200)
+    assert ((x_back - x).abs() <= 1e-6 + 8 * torch.finfo(torch.float64).eps * x.abs()).all()

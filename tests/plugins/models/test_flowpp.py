@@ -1,0 +1,166 @@
+"""model:flowpp: change of variables, sampling, layout, checkpointing, and the recipe's ablations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowkit
+from flowkit.build import Builder
+from flowkit.plugins import make_plugins
+from flowkit.recipes.load import load_recipe
+from flowkit.testing import jacobian_logabsdet, randomize_
+
+RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "flowpp.toml"
+NET = {"use": "gated_resnet", "hidden": 8, "blocks": 1, "heads": 2, "dropout": 0.0}
+COUPLING = {"use": "mixlogistic", "components": 3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    return make_plugins()
+
+
+def make(plugins, in_shape=(1, 4, 4), **kwargs):
+    params = {"net": NET, "coupling": COUPLING, "layout": ["checkerboard", "squeeze", "channel", "channel"], **kwargs}
+    return flowkit.build("model", "flowpp", plugins=plugins, in_shape=in_shape, **params)
+
+
+def test_log_prob_is_the_change_of_variables(plugins):
+    model = randomize_(make(plugins)).double().eval()
+    y = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    model.initialize(y)
+    z, logabsdet = model.encode(y)
+    brute = jacobian_logabsdet(lambda v: model.encode(v)[0].flatten(1), y)
+    torch.testing.assert_close(logabsdet, brute, atol=1e-6, rtol=1e-6)
+    parts = model.log_prob_parts(y)
+    assert list(parts) == ["total"] and model.part_dims() == {"total": 16}
+    torch.testing.assert_close(parts["total"], model.prior.log_prob(z) + logabsdet)
+
+
+def test_flow_inverts(plugins):
+    model = randomize_(make(plugins, in_shape=(2, 4, 4))).double().eval()
+    y = torch.rand(3, 2, 4, 4, dtype=torch.float64)
+    z, logabsdet = model.encode(y)
+    assert z.shape == (3, 8, 2, 2) and model.latent_shape == (8, 2, 2)
+    y_back, inv_logabsdet = model.flow.inverse(z)
+    torch.testing.assert_close(y_back, y, atol=1e-6, rtol=0)
+    torch.testing.assert_close(inv_logabsdet, -logabsdet, atol=1e-6, rtol=1e-8)
+
+
+def test_samples_are_images_in_the_unit_interval(plugins):
+    model = make(plugins, in_shape=(1, 8, 8))
+    model.initialize(torch.rand(16, 1, 8, 8))
+    for temperature in (1.0, 0.5, 0.0):
+        s = model.sample(5, temperature=temperature)
+        assert s.shape == (5, 1, 8, 8) and (s >= 0).all() and (s < 1).all()
+
+
+def test_layout_alternates_parity_and_resets_it(plugins):
+    model = make(plugins, in_shape=(1, 8, 8),
+                 layout=["checkerboard", "checkerboard", "checkerboard", "squeeze", "channel", "channel"])
+    couplings = [step.transforms[-1] for step in model.flow.transforms if isinstance(step, flowkit.Sequential)]
+    assert [(c.mask_kind, c.parity) for c in couplings] == [
+        ("checkerboard", 0), ("checkerboard", 1), ("checkerboard", 0), ("channel", 0), ("channel", 1)]
+    assert [c.in_shape for c in couplings][-1] == (4, 4, 4)
+
+
+def test_every_coupling_uses_the_model_net(plugins):
+    model = make(plugins, net={**NET, "hidden": 6})
+    nets = [m for m in model.modules() if type(m).__name__ == "GatedResNet"]
+    assert nets and all(n.conv_in.out_channels == 6 for n in nets)
+
+
+def test_checkpointing_gives_the_same_loss_and_gradients(plugins):
+    plain = randomize_(make(plugins))
+    ckpt = make(plugins, checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    y = torch.rand(4, 1, 4, 4)
+    results = []
+    for model in (plain, ckpt):
+        model.zero_grad()
+        loss = -model.log_prob(y).mean()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_layouts_are_reported(plugins):
+    with pytest.raises(flowkit.RecipeError, match="layout"):
+        make(plugins, layout=["checkerboard", "sqeeze"])
+    with pytest.raises(flowkit.ShapeError, match="must be even"):
+        make(plugins, in_shape=(1, 6, 6), layout=["squeeze", "squeeze", "channel"])
+    with pytest.raises(flowkit.ShapeError, match=r"\(B, 1, 4, 4\)"):
+        make(plugins).log_prob(torch.rand(2, 1, 8, 8))
+
+
+def test_a_part_without_mask_and_parity_is_rejected(plugins):
+    from flowkit_plugins.models.flowpp import with_params
+
+    build = Builder(plugins.registries)
+    with pytest.raises(flowkit.RecipeError, match='net "gated_resnet" has no parameter mask, parity'):
+        with_params(build, flowkit.PartRef("net", "gated_resnet"), mask="channel", parity=0)
+    ref = with_params(build, flowkit.PartRef("coupling", "mixlogistic"), optional=("net", "extra"), parity=1, extra=3)
+    assert ref.params.parity == 1
+
+
+@pytest.mark.parametrize("override", [
+    None, "dequantizer.use=uniform", "model.coupling.use=affine", "model.net.attention=false",
+])
+def test_each_ablation_is_one_override(plugins, override):
+    recipe = load_recipe(RECIPE, plugins.registries, preset="smoke", overrides=[override] if override else [])
+    build = Builder(plugins.registries)
+    model = build(recipe.model, in_shape=(1, 28, 28))
+    deq = build(recipe.dequantizer, in_shape=(1, 28, 28))
+    x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    if hasattr(deq, "initialize"):
+        deq.initialize(x, 8)
+    y, log_q = deq(x, 8)
+    model.initialize(y)
+    log_p = model.log_prob(y)
+    assert torch.isfinite(log_p).all() and torch.isfinite(torch.as_tensor(log_q)).all()
+    couplings = {type(m).__name__ for m in model.modules()}
+    if override == "model.coupling.use=affine":
+        assert "AffineCoupling" in couplings and "MixLogisticCoupling" not in couplings
+    if override == "model.net.attention=false":
+        assert not any(a.attention for a in model.modules() if type(a).__name__ == "GatedAttention")
+    if override == "dequantizer.use=uniform":
+        assert recipe.dequantizer.use == "uniform"
+
+
+@pytest.mark.slow
+def test_paper_preset_builds_at_the_published_size(plugins):
+    recipe = load_recipe(RECIPE, plugins.registries, preset="paper")
+    build = Builder(plugins.registries)
+    model = build(recipe.model, in_shape=(3, 32, 32))
+    deq = build(recipe.dequantizer, in_shape=(3, 32, 32))
+    total = sum(p.numel() for p in [*model.parameters(), *deq.parameters()])
+    # The official CIFAR-10 model has 31,443,440 parameters (per-position actnorm included).
+    assert 25e6 < total < 35e6, total
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_end_to_end(tmp_path):
+    # Through the installed console script, as a user runs it.
+    exe = Path(sys.executable).with_name("flowkit")
+    out = tmp_path / "run"
+    done = subprocess.run([str(exe), "run", str(RECIPE), "--preset", "smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and 0 < summary["test_bpd"] < 16
