@@ -92,7 +92,8 @@ def make_plugins(*, entry_points: bool = True, extra: Iterable[object | str] = (
                 raise PluginError(f'Plugin module "{plugin}" could not be imported: {exc}.') from exc
             pm.register(module, name=plugin)
         else:
-            pm.register(plugin)
+            name = getattr(plugin, "__name__", None) or f"{type(plugin).__qualname__}-{id(plugin):x}"
+            pm.register(plugin, name=name)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:

@@ -30,15 +30,18 @@ def randomize_(module: nn.Module, scale: float = 0.1, generator: torch.Generator
     return module
 
 
-def jacobian_logabsdet(fn, x: Tensor) -> Tensor:
+def jacobian_logabsdet(fn, x: Tensor, context: Tensor | None = None) -> Tensor:
     """log|det J| per sample by brute force: the full Jacobian of ``fn`` at each row of ``x``.
 
-    ``fn`` maps ``(B, ...) -> (B, ...)`` row-wise; the result has shape ``(B,)``.
+    ``fn(v, context)`` maps ``(B, ...) -> (B, ...)`` row-wise (``fn(v)`` when ``context`` is
+    None); each row is differentiated with its own row of the context. Result shape ``(B,)``.
     """
     out = []
     for i in range(x.shape[0]):
         xi = x[i : i + 1]
-        jac = torch.autograd.functional.jacobian(lambda v: fn(v).reshape(-1), xi.reshape(-1).view_as(xi))
+        ci = None if context is None else context[i : i + 1]
+        row_fn = (lambda v: fn(v)) if context is None else (lambda v, ci=ci: fn(v, ci))
+        jac = torch.autograd.functional.jacobian(lambda v: row_fn(v).reshape(-1), xi.reshape(-1).view_as(xi))
         jac = jac.reshape(jac.shape[0], -1)
         out.append(torch.linalg.slogdet(jac).logabsdet)
     return torch.stack(out)
@@ -69,11 +72,11 @@ def check_transform(
         torch.testing.assert_close(inv_logabsdet, -logabsdet, atol=atol * 100, rtol=rtol * 100,
                                    msg=lambda m: f"inverse logabsdet != -forward logabsdet: {m}")
     if jacobian:
-        brute = jacobian_logabsdet(lambda v: transform(v, context)[0], x)
+        brute = jacobian_logabsdet(lambda v, c=None: transform(v, c)[0], x, context)
         torch.testing.assert_close(logabsdet.to(brute.dtype), brute, atol=atol * 100, rtol=rtol * 100,
                                    msg=lambda m: f"forward logabsdet != brute-force log|det J|: {m}")
         if inverse:
-            brute_inv = jacobian_logabsdet(lambda v: transform.inverse(v, context)[0], z.detach())
+            brute_inv = jacobian_logabsdet(lambda v, c=None: transform.inverse(v, c)[0], z.detach(), context)
             torch.testing.assert_close(inv_logabsdet.to(brute_inv.dtype), brute_inv, atol=atol * 100,
                                        rtol=rtol * 100, msg=lambda m: f"inverse logabsdet != brute force: {m}")
     check_rows_independent(lambda v: transform(v, context)[0], x)

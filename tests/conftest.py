@@ -9,7 +9,7 @@ import torch
 
 from flowkit.plugins import Plugins, make_plugins
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: more threads only add contention (xdist runs 2 workers)
 
 
 @pytest.fixture(autouse=True)

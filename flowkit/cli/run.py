@@ -66,8 +66,11 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     table.add_row("test bits/dim", fmt(summary["test_bpd"]))
+    if "test_bpd_iw" in summary:
+        table.add_row(f"test bits/dim, {summary['iw_samples']} importance samples", fmt(summary["test_bpd_iw"]))
     table.add_row("train bits/dim", fmt(summary["train_bpd"]))
-    for part, value in summary.get("test_bpd_per_part", {}).items():
+    per_part = summary.get("test_bpd_per_part", {})
+    for part, value in per_part.items() if len(per_part) > 1 else ():
         table.add_row(f"  test bits/dim of {part}", fmt(value))
     table.add_row("parameters", f"{summary['params']:,}")
     table.add_row("steps", str(summary["steps"]))
@@ -90,9 +93,11 @@ def register(cli: click.Group) -> None:
     @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/<name>-<time>).")
     @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
     @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this directory.")
+    @click.option("--iw-samples", "iw_samples", type=int, default=0,
+                  help="Also report the importance-weighted test bits/dim with k dequantization samples.")
     @click.pass_context
     def run(ctx: click.Context, recipe: Path | None, preset: str | None, overrides: tuple[str, ...],
-            level: int | None, out: Path | None, overwrite: bool, resume: Path | None) -> None:
+            level: int | None, out: Path | None, overwrite: bool, resume: Path | None, iw_samples: int) -> None:
         """Train, evaluate (bits/dim) and sample the model of RECIPE."""
         from flowkit.cli import get_plugins
         from flowkit.runs.run import start_run
@@ -106,5 +111,5 @@ def register(cli: click.Group) -> None:
             overrides = (*overrides, f"train.level={level}")
         plugins = get_plugins(ctx)
         run_dir, summary = start_run(recipe, plugins, RichReporter(), preset=preset, overrides=overrides,
-                                     out=out, overwrite=overwrite, resume=resume)
+                                     out=out, overwrite=overwrite, resume=resume, iw_samples=iw_samples)
         console.print(summary_table(summary, run_dir.path))

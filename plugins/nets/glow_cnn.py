@@ -106,7 +106,10 @@ class GlowCNN(nn.Module):
             return x
         if context is None:
             raise ShapeError(f"GlowCNN was built with context of shape {self.context_shape} but was called without.")
-        if tuple(context.shape[1:]) != self.context_shape or context.shape[0] != x.shape[0]:
+        # Fully convolutional: a spatial context must match the input's H, W (not the built
+        # size), so Wavelet Flow's patch-wise training on crops works.
+        expected = (self.context_shape[0], *x.shape[2:]) if len(self.context_shape) == 3 else self.context_shape
+        if tuple(context.shape[1:]) != expected or context.shape[0] != x.shape[0]:
             raise ShapeError(
                 f"GlowCNN expected a context of shape (B, {', '.join(map(str, self.context_shape))}) with "
                 f"B = {x.shape[0]}, got {tuple(context.shape)}."
