@@ -81,30 +81,38 @@ class MaskedCoupling(Transform):
         )
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.in_shape:
+        # Fully convolutional: any H, W (Wavelet Flow trains its top levels on crops), but the
+        # channel count is fixed.
+        if x.dim() != 4 or x.shape[1] != self.in_shape[0]:
             c, h, w = self.in_shape
             raise ShapeError(
-                f"{type(self).__name__} expected input of shape (B, {c}, {h}, {w}), got {tuple(x.shape)}."
+                f"{type(self).__name__} expected input of shape (B, {c}, H, W) (built for {h}x{w}), "
+                f"got {tuple(x.shape)}."
             )
+
+    def _mask(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[2:]) == tuple(self.mask.shape[2:]):
+            return self.mask
+        return checkerboard(x.shape[2], x.shape[3], self.parity).to(x.device)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_cond, x_trans)``: what the net sees and what is transformed."""
         if self.mask_kind == "channel":
             first, rest = x[:, : self._first], x[:, self._first :]
             return (first, rest) if self.parity == 0 else (rest, first)
-        return x * self.mask, x
+        return x * self._mask(x), x
 
     def merge(self, x_cond: Tensor, z_trans: Tensor) -> Tensor:
         """The inverse of `split` with the transformed part replaced by ``z_trans``."""
         if self.mask_kind == "channel":
             parts = (x_cond, z_trans) if self.parity == 0 else (z_trans, x_cond)
             return torch.cat(parts, dim=1)
-        return torch.where(self.mask, x_cond, z_trans)
+        return torch.where(self._mask(z_trans), x_cond, z_trans)
 
     def sum_transformed(self, values: Tensor) -> Tensor:
         """Per-sample sum of ``values`` over the transformed entries only."""
         if self.mask_kind == "checkerboard":
-            values = values.masked_fill(self.mask, 0.0)
+            values = values.masked_fill(self._mask(values), 0.0)
         return values.sum(dim=(1, 2, 3))
 
     def _net_output(self, x_cond: Tensor, context: Tensor | None, dtype: torch.dtype) -> Tensor:

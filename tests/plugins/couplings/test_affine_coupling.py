@@ -126,9 +126,11 @@ def test_affine_built_without_context_raises_with(plugins):
         t(torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.zeros(2, 2, 4, 4, dtype=torch.float64))
 
 
-def test_affine_rejects_wrong_input_shape(plugins):
-    with pytest.raises(flowkit.ShapeError, match=r"\(B, 4, 4, 4\)"):
-        make(plugins)(torch.randn(2, 4, 8, 8, dtype=torch.float64))
+def test_affine_rejects_wrong_channel_count_but_is_fully_convolutional(plugins):
+    t = make(plugins)
+    with pytest.raises(flowkit.ShapeError, match=r"\(B, 4, H, W\)"):
+        t(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    check_transform(randomize_(make(plugins, mask="checkerboard")), torch.randn(2, 4, 6, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("scale_fn", ["sigmoid", "exp_tanh"])
