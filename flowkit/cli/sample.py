@@ -39,7 +39,10 @@ def register(cli: click.Group) -> None:
 
         rundir, session = load_trained(ctx, run_dir)
         temps = temperatures or session.recipe.sample.temperatures
-        paths = sample_grids(session, rundir.samples, n=n, temperatures=temps,
+        paths, overflowed = sample_grids(session, rundir.samples, n=n, temperatures=temps,
                              seed=session.recipe.sample.seed if seed is None else seed, prefix="sample")
         for path in paths:
             console.print(f"wrote {path}")
+        for temperature, count in overflowed.items():
+            if count:
+                console.print(f"{count} of {n} images at {temperature} overflowed in the inverse (saturated).")

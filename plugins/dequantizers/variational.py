@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,7 +15,6 @@ from flowkit import (
     DensityModel,
     Dequantizer,
     PartRef,
-    RecipeError,
     Sequential,
     ShapeError,
     hookimpl,
@@ -52,18 +50,6 @@ class VariationalParams:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout = {self.dropout} must be in [0, 1).")
-
-
-def _with_params(build: Any, ref: PartRef, optional: tuple[str, ...] = (), **changes: Any) -> PartRef:
-    params = ref.params if ref.params is not None else build.default_params(ref.kind, ref.use)
-    names = {f.name for f in dataclasses.fields(params)}
-    missing = [k for k in changes if k not in names and k not in optional]
-    if missing:
-        raise RecipeError(
-            f'{ref.kind} "{ref.use}" has no parameter {", ".join(missing)}, which the variational dequantizer '
-            f"sets on every step; choose a {ref.kind} that has it."
-        )
-    return PartRef(ref.kind, ref.use, dataclasses.replace(params, **{k: v for k, v in changes.items() if k in names}))
 
 
 def _concat_elu(x: Tensor) -> Tensor:
@@ -130,9 +116,9 @@ class VariationalDequantizer(Dequantizer):
             if actnorm:
                 parts.append(build(PartRef("transform", "actnorm"), in_shape=self.in_shape, context_shape=context_shape))
             if invconv != "none":
-                ref = _with_params(build, PartRef("transform", "invconv"), lu=invconv == "lu")
+                ref = build.with_params(PartRef("transform", "invconv"), who="the variational dequantizer", lu=invconv == "lu")
                 parts.append(build(ref, in_shape=self.in_shape, context_shape=context_shape))
-            ref = _with_params(build, coupling, optional=("net",), mask=mask, parity=index % 2, net=net)
+            ref = build.with_params(coupling, optional=("net",), who="the variational dequantizer", mask=mask, parity=index % 2, net=net)
             parts.append(build(ref, in_shape=self.in_shape, context_shape=context_shape))
             steps_list.append(Sequential(parts, context_shape=context_shape))
         self.flow = Sequential(steps_list, context_shape=context_shape)

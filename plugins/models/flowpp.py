@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,7 +14,6 @@ from torch.utils.checkpoint import checkpoint
 from flowkit import (
     DensityModel,
     PartRef,
-    RecipeError,
     Sequential,
     ShapeError,
     Transform,
@@ -58,19 +56,6 @@ class FlowPPParams:
             )
         if not 0.0 <= self.logit_alpha < 0.5:
             raise ValueError(f"logit_alpha = {self.logit_alpha} must be in [0, 0.5).")
-
-
-def with_params(build: Any, ref: PartRef, optional: tuple[str, ...] = (), **changes: Any) -> PartRef:
-    """``ref`` with some of its part's params replaced; names in ``optional`` are skipped if absent."""
-    params = ref.params if ref.params is not None else build.default_params(ref.kind, ref.use)
-    names = {f.name for f in dataclasses.fields(params)}
-    missing = [k for k in changes if k not in names and k not in optional]
-    if missing:
-        raise RecipeError(
-            f'{ref.kind} "{ref.use}" has no parameter {", ".join(missing)}, which Flow++ sets on every step; '
-            f"choose a {ref.kind} that has it."
-        )
-    return PartRef(ref.kind, ref.use, dataclasses.replace(params, **{k: v for k, v in changes.items() if k in names}))
 
 
 class LogitPreprocess(Transform):
@@ -117,9 +102,9 @@ def build_step(
     if actnorm:
         parts.append(build(PartRef("transform", "actnorm"), in_shape=shape, context_shape=context_shape))
     if invconv != "none":
-        ref = with_params(build, PartRef("transform", "invconv"), lu=invconv == "lu")
+        ref = build.with_params(PartRef("transform", "invconv"), who="Flow++", lu=invconv == "lu")
         parts.append(build(ref, in_shape=shape, context_shape=context_shape))
-    ref = with_params(build, coupling, optional=("net",), mask=mask, parity=parity, net=net)
+    ref = build.with_params(coupling, optional=("net",), who="Flow++", mask=mask, parity=parity, net=net)
     parts.append(build(ref, in_shape=shape, context_shape=context_shape))
     return Sequential(parts, context_shape=context_shape)
 

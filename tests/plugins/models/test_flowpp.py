@@ -110,12 +110,10 @@ def test_bad_layouts_are_reported(plugins):
 
 
 def test_a_part_without_mask_and_parity_is_rejected(plugins):
-    from flowkit_plugins.models.flowpp import with_params
-
     build = Builder(plugins.registries)
     with pytest.raises(flowkit.RecipeError, match='net "gated_resnet" has no parameter mask, parity'):
-        with_params(build, flowkit.PartRef("net", "gated_resnet"), mask="channel", parity=0)
-    ref = with_params(build, flowkit.PartRef("coupling", "mixlogistic"), optional=("net", "extra"), parity=1, extra=3)
+        build.with_params(flowkit.PartRef("net", "gated_resnet"), mask="channel", parity=0)
+    ref = build.with_params(flowkit.PartRef("coupling", "mixlogistic"), optional=("net", "extra"), parity=1, extra=3)
     assert ref.params.parity == 1
 
 
