@@ -1,0 +1,1 @@
+"""Run engine: run directories, training, evaluation, sampling, checkpoints."""

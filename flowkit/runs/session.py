@@ -1,0 +1,75 @@
+"""Everything a run needs, built from a validated recipe: data, dequantizer, model, device."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from flowkit.build import Builder
+from flowkit.contracts.dataset import ImageDataset
+from flowkit.contracts.dequantizer import Dequantizer
+from flowkit.contracts.model import DensityModel
+from flowkit.errors import FlowkitError, ShapeError
+from flowkit.plugins import Plugins
+from flowkit.recipes.load import Recipe
+from flowkit.runs.bpd import reduce_bits
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise FlowkitError(f'train.device = "{name}" is not a device: {exc}.') from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlowkitError(f'train.device = "{name}" but no CUDA device is available; use "cpu" or "auto".')
+    return device
+
+
+@dataclass
+class Session:
+    """The built parts of one run. Images are kept as uint8 on the CPU and moved per batch."""
+
+    recipe: Recipe
+    dataset: ImageDataset
+    train_x: torch.Tensor
+    test_x: torch.Tensor
+    model: DensityModel
+    dequantizer: Dequantizer
+    device: torch.device
+
+    @property
+    def n_bits(self) -> int:
+        return self.recipe.data.params.n_bits
+
+    @property
+    def num_dims(self) -> int:
+        c, h, w = self.dataset.shape
+        return c * h * w
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model, "dequantizer": self.dequantizer}
+
+
+def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -> Session:
+    """Seeds, loads the data, builds the model and dequantizer on the chosen device."""
+    train = recipe.train
+    torch.manual_seed(train.seed)
+    torch.set_num_threads(train.threads or os.cpu_count() or 1)
+    build = Builder(plugins.registries)
+    dataset: ImageDataset = build(recipe.data)
+    n_bits = recipe.data.params.n_bits
+    train_x = reduce_bits(torch.from_numpy(dataset.train), n_bits, dataset.max_value)
+    test_x = reduce_bits(torch.from_numpy(dataset.test), n_bits, dataset.max_value)
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise FlowkitError(f"dataset {dataset.name} has {len(train_x)} training and {len(test_x)} test images; both must be > 0.")
+    device = pick_device(train.device)
+    try:
+        model: DensityModel = build(recipe.model, in_shape=dataset.shape)
+        dequantizer: Dequantizer = build(recipe.dequantizer, in_shape=dataset.shape)
+    except ShapeError as exc:
+        raise FlowkitError(f"{recipe.source}: [model] does not fit {dataset.name} images of shape {dataset.shape}: {exc}") from None
+    return Session(recipe, dataset, train_x, test_x, model.to(device), dequantizer.to(device), device)
