@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from flowkit.plugins import Plugins, make_plugins
+
+# CI runs the same hypothesis examples every time, so a red CI is reproducible; locally,
+# hypothesis keeps exploring new examples (and its database replays any failure it found).
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 torch.set_num_threads(1)  # tiny tensors: more threads only add contention (xdist runs 2 workers)
 

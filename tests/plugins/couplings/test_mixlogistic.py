@@ -224,4 +224,9 @@ def test_mixture_cdf_is_monotone_and_inverts_to_tol(k, spread, magnitude, seed):
     t, log_deriv = logit_mixture_cdf(x, log_pi, mu, log_s)
     assert (t.diff(dim=-1) >= 0).all() and torch.isfinite(log_deriv).all()
     x_back = invert_logit_mixture_cdf(t, log_pi, mu, log_s, tol=1e-6, max_iter=200)
-    assert ((x_back - x).abs() <= 1e-6 + 8 * torch.finfo(torch.float64).eps * x.abs()).all()
+    close = (x_back - x).abs() <= 1e-6 + 8 * torch.finfo(torch.float64).eps * x.abs()
+    # Between narrow components the CDF is flat to float64 precision, so many x give the same
+    # t there (hypothesis found such a case): the inverse must then reproduce t exactly.
+    t_back, _ = logit_mixture_cdf(x_back, log_pi, mu, log_s)
+    same_t = (t_back - t).abs() <= 1e-12 * t.abs().clamp_min(1.0)
+    assert (close | same_t).all()
