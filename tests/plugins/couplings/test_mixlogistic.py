@@ -5,30 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from flowkit_plugins.couplings.mixlogistic import (
-    InverseDidNotConverge,
-    invert_logit_mixture_cdf,
-    logit_mixture_cdf,
-    split_net_output,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flowkit
 from flowkit.plugins import make_plugins
 from flowkit.testing import check_gradients, check_transform, jacobian_logabsdet, randomize_
+from flowkit_plugins.couplings.mixlogistic import (
+    InverseDidNotConverge,
+    invert_logit_mixture_cdf,
+    logit_mixture_cdf,
+    split_net_output,
+)
 
 MODULES = ["flowkit_plugins.couplings.mixlogistic", "flowkit_plugins.nets.gated_resnet"]
 NET = {"use": "gated_resnet", "hidden": 8, "blocks": 1, "heads": 2, "dropout": 0.0}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP hand-off costs on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,26 +6,18 @@ import math
 
 import pytest
 import torch
-from flowkit_plugins.dequantizers.variational import iw_log_likelihood
 
 import flowkit
 from flowkit import DensityModel, Dequantizer
 from flowkit.plugins import make_plugins
 from flowkit.testing import randomize_
+from flowkit_plugins.dequantizers.variational import iw_log_likelihood
 
 MODULES = [
     "flowkit_plugins.dequantizers.variational", "flowkit_plugins.couplings.mixlogistic",
     "flowkit_plugins.nets.gated_resnet", "flowkit_plugins.transforms.actnorm", "flowkit_plugins.transforms.invconv",
 ]
 NET = {"use": "gated_resnet", "hidden": 8, "blocks": 1, "heads": 2, "dropout": 0.0}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from flowkit_plugins.nets.gated_resnet import GatedAttention
 
 import flowkit
 from flowkit.plugins import make_plugins
 from flowkit.testing import randomize_
+from flowkit_plugins.nets.gated_resnet import GatedAttention
 
 SMALL = {"hidden": 8, "blocks": 2, "heads": 2, "dropout": 0.0}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
