@@ -22,9 +22,14 @@ class DensityModel(nn.Module):
     - ``parameter_groups() -> dict[str, list[Parameter]]``: groups trained independently
       (gradient clipping per group); Wavelet Flow has one per level. Group names are term
       names, so ``train.level = i`` trains group i on its own term alone.
+    - ``independent_terms``: true when each term depends only on ``y`` and on its own
+      parameter group, and ``log_prob_parts`` may be called from several threads at once for
+      disjoint parts without touching the global random state (Wavelet Flow's levels). The
+      trainer may then train the terms concurrently (``train.level_threads``).
     """
 
     in_shape: Shape
+    independent_terms: bool = False
 
     def log_prob_parts(self, y: Tensor, parts: list[str] | None = None) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -46,10 +46,13 @@ class TrainParams:
     checkpoint_every: int = param(0, "write a checkpoint every N steps (0: only at the end)")
     device: str = param("auto", '"auto" (cuda if available), "cpu", "cuda", "cuda:1", ...')
     threads: int = param(0, "CPU threads for torch (0: all cores)")
+    level_threads: int = param(
+        1, "train a model's independent terms (Wavelet Flow's levels) side by side in this many "
+        "threads, torch single-threaded in each (1: off; faster than intra-op threads on few cores)")
     amp: Literal["off", "bf16"] = param("off", "autocast the nets to bf16 on CUDA (log-dets stay float32)")
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "init_batch_size", "eval_batch_size", "log_every"):
+        for key in ("batch_size", "init_batch_size", "eval_batch_size", "log_every", "level_threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} = {getattr(self, key)} must be at least 1.")
         for key in ("steps", "warmup_steps", "eval_every", "checkpoint_every", "threads"):

@@ -11,7 +11,7 @@ from flowkit.build import Builder
 from flowkit.contracts.dataset import ImageDataset
 from flowkit.contracts.dequantizer import Dequantizer
 from flowkit.contracts.model import DensityModel
-from flowkit.errors import FlowkitError, ShapeError
+from flowkit.errors import FlowkitError, RecipeError, ShapeError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe
 from flowkit.runs.bpd import reduce_bits
@@ -72,4 +72,20 @@ def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -
         dequantizer: Dequantizer = build(recipe.dequantizer, in_shape=dataset.shape)
     except ShapeError as exc:
         raise FlowkitError(f"{recipe.source}: [model] does not fit {dataset.name} images of shape {dataset.shape}: {exc}") from None
+    check_level_threads(recipe, model, dequantizer)
     return Session(recipe, dataset, train_x, test_x, model.to(device), dequantizer.to(device), device)
+
+
+def check_level_threads(recipe: Recipe, model: DensityModel, dequantizer: Dequantizer) -> None:
+    """train.level_threads > 1 needs terms that share nothing: independent model terms, and a
+    dequantizer without parameters (a learned one feeds every term)."""
+    threads, train = recipe.train.level_threads, recipe.train
+    if threads <= 1 or train.level >= 0:
+        return
+    if not model.independent_terms:
+        raise RecipeError(f"train.level_threads = {threads} needs a model whose terms are independent, such as "
+                          f"wavelet_flow; {recipe.model.use} is not. Set train.level_threads = 1.", recipe.source)
+    if any(p.requires_grad for p in dequantizer.parameters()):
+        raise RecipeError(f"train.level_threads = {threads} needs a dequantizer without parameters "
+                          f'(use = "uniform"); {recipe.dequantizer.use} is learned and feeds every term. '
+                          "Set train.level_threads = 1.", recipe.source)

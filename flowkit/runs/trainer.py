@@ -22,6 +22,7 @@ from flowkit.runs.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from flowkit.runs.evaluate import dequantized_terms, evaluate
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.session import Session
+from flowkit.runs.term_threads import TermThreads
 
 
 class Reporter(Protocol):
@@ -84,6 +85,7 @@ class Trainer:
             self.cfg.lr, self.cfg.weight_decay,
         )
         self.state = TrainState()
+        self.term_threads = self._term_threads()
 
     def _select_groups(self) -> tuple[dict[str, list[torch.nn.Parameter]], list[str] | None]:
         groups = {n: p for n, p in self.s.model.parameter_groups().items() if p}
@@ -102,6 +104,12 @@ class Trainer:
             raise RecipeError("train.level trains one level alone, which needs a dequantizer without "
                               'parameters (use = "uniform").', self.s.recipe.source)
         return {names[level]: groups[names[level]]}, [names[level]]
+
+    def _term_threads(self) -> TermThreads | None:
+        threads = self.cfg.level_threads
+        if threads <= 1 or self.parts is not None:
+            return None  # one term alone (train.level) has nothing to run side by side
+        return TermThreads(self.s.model, threads, self.s.num_dims)  # build_session checked the fit
 
     # -- budget and schedule ------------------------------------------------------------
     def lr_at(self, step: int, elapsed: float) -> float:
@@ -154,6 +162,17 @@ class Trainer:
             dims, log_p, log_q = self.s.model.part_dims()[self.parts[0]], terms[self.parts[0]], 0.0
         return bits_per_dim(log_p, dims, self.s.n_bits, log_q).mean(), terms
 
+    def backward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss (mean bits/dim, detached) and terms of a batch; gradients accumulated."""
+        if self.term_threads is None:
+            loss, terms = self.loss(x)
+            loss.backward()
+            return loss.detach(), terms
+        y, log_q = self.s.dequantizer(x, self.s.n_bits)
+        terms = self.term_threads.backward(y)
+        log_p = torch.stack(list(terms.values())).sum(0)
+        return bits_per_dim(log_p, self.s.num_dims, self.s.n_bits, log_q).mean(), terms
+
     def fail(self, step: int, what: str, terms: dict[str, torch.Tensor]) -> None:
         bad = [n for n, t in terms.items() if not torch.isfinite(t).all()] or list(terms)
         pointer = self.rundir.checkpoints / "latest.json"
@@ -182,9 +201,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x = s.train_x[next(data)].to(s.device, non_blocking=True)
-            loss, terms = self.loss(x)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, terms = self.backward(x)
             norms = [torch.nn.utils.clip_grad_norm_(p, cfg.grad_clip or float("inf")) for p in self.groups.values()]
             values = torch.stack([loss.detach().float()] + [n.float() for n in norms]).tolist()
             if not math.isfinite(values[0]):
@@ -216,4 +234,6 @@ class Trainer:
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
         self.checkpoint()
+        if self.term_threads is not None:
+            self.term_threads.close()
         self.reporter.finish()

@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowkit import DensityModel, PartRef, ShapeError, hookimpl, param, part_field
@@ -112,6 +111,8 @@ class LevelFlow(nn.Module):
 class WaveletFlow(DensityModel):
     """See the module docstring. Terms: ``base`` = log p(I_0), ``level{j}`` = log p(D_{j-1} | I_{j-1})."""
 
+    independent_terms = True  # each level's flow sees only y: the trainer may run levels concurrently
+
     def __init__(self, params: WaveletFlowParams, in_shape: tuple[int, int, int], build) -> None:  # noqa: ANN001
         super().__init__()
         c, h, w = in_shape
@@ -150,6 +151,13 @@ class WaveletFlow(DensityModel):
                 build(params.prior, in_shape=shape, context_shape=ctx_shape), conditioner,
             )
         self.flows = nn.ModuleDict(flows)
+        # Each cropped level draws its windows from its own generator, whose state is a buffer:
+        # the draws do not depend on which levels run or in which thread (train.level_threads),
+        # and checkpoints carry the state, so --resume continues the same windows.
+        for index, name in enumerate(self.flows):
+            if self.crops[index] > 1:
+                seed = int(torch.randint(0, 2**62, ()))
+                self.register_buffer(f"crop_rng_{name}", torch.Generator().manual_seed(seed).get_state())
 
     @classmethod
     def from_params(cls, params: WaveletFlowParams, *, in_shape: tuple[int, int, int], build) -> WaveletFlow:  # noqa: ANN001
@@ -188,14 +196,18 @@ class WaveletFlow(DensityModel):
         # D_{j-1} comes from splitting I_j; its coefficients have the scale of I_j.
         return details[j - 1] / self.gain(j), lows[j - 1] / self.gain(j - 1), math.log(self.gain(j))
 
-    def _crop(self, v: Tensor, low: Tensor | None, crops: int) -> tuple[Tensor, Tensor | None, float]:
+    def _crop(self, name: str, v: Tensor, low: Tensor | None, crops: int) -> tuple[Tensor, Tensor | None, float]:
         """A random crop (same window for the variable and its context) and the dims ratio."""
         if crops == 1 or not self.training:
             return v, low, 1.0
         h, w = v.shape[-2:]
         ch, cw = h // crops, w // crops
-        top = int(torch.randint(0, h - ch + 1, ()))
-        left = int(torch.randint(0, w - cw + 1, ()))
+        state: Tensor = getattr(self, f"crop_rng_{name}")
+        rng = torch.Generator()
+        rng.set_state(state.cpu())
+        top = int(torch.randint(0, h - ch + 1, (), generator=rng))
+        left = int(torch.randint(0, w - cw + 1, (), generator=rng))
+        state.copy_(rng.get_state())
         v = v[..., top : top + ch, left : left + cw]
         low = None if low is None else low[..., top : top + ch, left : left + cw]
         return v, low, (h * w) / (ch * cw)
@@ -208,7 +220,7 @@ class WaveletFlow(DensityModel):
                 continue
             v, low, log_gain = self._inputs(name, lows, details)
             # Patch-wise training (the paper's top levels): an unbiased estimate of the full term.
-            v, low, ratio = self._crop(v, low, self.crops[index])
+            v, low, ratio = self._crop(name, v, low, self.crops[index])
             log_p = flow.log_prob(v, low) - v[0].numel() * log_gain
             terms[name] = log_p * ratio
         return terms

@@ -59,9 +59,11 @@ def test_rerunning_the_resolved_recipe_reproduces_the_run(tmp_path: Path) -> Non
     assert a["test_bpd"] == b["test_bpd"]
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("level_threads", [1, 2])
+def test_resume_continues_exactly(tmp_path: Path, level_threads: int) -> None:
     straight = tmp_path / "straight"
-    args = ["--preset", "smoke", "--set", "train.steps=4", "--set", "train.checkpoint_every=2"]
+    args = ["--preset", "smoke", "--set", "train.steps=4", "--set", "train.checkpoint_every=2",
+            "--set", f"train.level_threads={level_threads}", "--set", "model.crops=[1, 1, 2]"]
     assert flowkit("run", str(RECIPE), *args, "--out", str(straight)).exit_code == 0
     # A copy that was interrupted after step 2: only the step-2 checkpoint.
     resumed = tmp_path / "resumed"
@@ -91,6 +93,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["model.levels=3"], "model.levels = 3 needs image sides divisible by 2^3"),
         (["data.n_bits=0"], "n_bits = 0 is out of range"),
         (["data.use=npz", "data.path=missing.npz"], "missing.npz"),
+        (["train.level_threads=2", "dequantizer.use=variational"], "needs a dequantizer without parameters"),
     ],
 )
 def test_bad_input_gives_one_paragraph_and_exit_2(tmp_path: Path, overrides: list[str], expected: str) -> None:
@@ -127,9 +130,9 @@ class Exploding(WaveletFlow):
     calls = 0
     def log_prob_parts(self, y, parts=None):
         terms = super().log_prob_parts(y, parts)
-        if self.training:
+        if self.training and "level2" in terms:
             Exploding.calls += 1
-            if Exploding.calls == 3:
+            if Exploding.calls == EXPLODE_AT_CALL:
                 terms["level2"] = terms["level2"] * float("nan")
         return terms
 
@@ -139,13 +142,18 @@ def flowkit_register_models(register):
 '''
 
 
-def test_nan_loss_stops_with_level_and_step_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
-    (tmp_path / "exploding_plugin.py").write_text(NAN_PLUGIN)
+# Level 2 is computed once per step, plus once before the first step when the levels run in
+# threads (the trainer times each level to balance the threads); either way step 3 explodes.
+@pytest.mark.parametrize(("level_threads", "explode_at_call"), [(1, 3), (2, 4)])
+def test_nan_loss_stops_with_level_and_step_and_keeps_last_good_checkpoint(
+    tmp_path: Path, level_threads: int, explode_at_call: int,
+) -> None:
+    (tmp_path / "exploding_plugin.py").write_text(f"EXPLODE_AT_CALL = {explode_at_call}\n" + NAN_PLUGIN)
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "flowkit", "-p", "exploding_plugin", "run", str(RECIPE), "--preset", "smoke",
          "--set", "model.use=exploding", "--set", "train.steps=5", "--set", "train.checkpoint_every=1",
-         "--out", str(out)],
+         "--set", f"train.level_threads={level_threads}", "--out", str(out)],
         capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
     )
     assert result.returncode == 1, result.stderr
