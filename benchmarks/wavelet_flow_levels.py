@@ -14,8 +14,8 @@ threads (``train.level_threads = 2``), at the same number of cores.
 Usage::
 
     python benchmarks/wavelet_flow_levels.py ablate --steps 800 \\
-        --variant "adamax 2e-3=train.optimizer=adamax,train.lr=2e-3" \\
-        --variant "adam 6e-3=train.optimizer=adam,train.lr=6e-3"
+        --variant "adamax 2e-3=train.optimizer=adamax;train.lr=2e-3" \\
+        --variant "wider level 2=model.hidden=[64, 64, 96]"
     python benchmarks/wavelet_flow_levels.py throughput --steps 40
 """
 
@@ -59,7 +59,7 @@ def train_level(recipe: str, level: int, steps: int, test_images: int, overrides
 
 
 def ablate(args: argparse.Namespace) -> None:
-    variants = [("recipe", [])] + [parse_variant(v) for v in args.variant]
+    variants = ([] if args.no_recipe else [("recipe", [])]) + [parse_variant(v) for v in args.variant]
     jobs = [(name, over, level) for name, over in variants for level in args.levels]
 
     def run(job: tuple[str, list[str], int]) -> dict:
@@ -93,9 +93,9 @@ def ablate(args: argparse.Namespace) -> None:
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``"name=key=value,key=value"`` → (name, overrides)."""
+    """``"name=key=value;key=value"`` → (name, overrides); ``;`` since values may hold commas."""
     name, _, rest = text.partition("=")
-    return name, [item for item in rest.split(",") if item]
+    return name, [item.strip() for item in rest.split(";") if item.strip()]
 
 
 class StepTimes:
@@ -158,7 +158,8 @@ def main() -> None:
     a.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     a.add_argument("--test-images", type=int, default=2000)
     a.add_argument("--jobs", type=int, default=2, help="single-threaded runs at a time")
-    a.add_argument("--variant", action="append", default=[], help='"name=key=value,key=value" (repeatable)')
+    a.add_argument("--variant", action="append", default=[], help='"name=key=value;key=value" (repeatable)')
+    a.add_argument("--no-recipe", action="store_true", help="leave out the recipe as it is (the reference row)")
     t = sub.add_parser("throughput", help="joint loss vs levels in threads, ms per training step")
     t.add_argument("--recipe", default=str(RECIPE))
     t.add_argument("--steps", type=int, default=40)

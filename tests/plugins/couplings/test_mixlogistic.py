@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import flowkit
@@ -205,6 +205,10 @@ def test_bf16_autocast_keeps_logdet_in_float32(plugins):
     magnitude=st.floats(1e-2, 1e3),
     seed=st.integers(0, 2**16),
 )
+# Found by hypothesis: for 87 of the 101 points the logit-CDF is nearly flat (a component of
+# weight e^-6.35 and scale e^-7 at 0.10, the others far away), so the inverse lands more than
+# 1e-6 from x and can only be held to reproducing t.
+@example(k=3, spread=4.0, magnitude=1.0, seed=1647)
 def test_mixture_cdf_is_monotone_and_inverts_to_tol(k, spread, magnitude, seed):
     generator = torch.Generator().manual_seed(seed)
     shape = (1, k, 1, 1, 1)
