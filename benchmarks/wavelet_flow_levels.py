@@ -55,7 +55,7 @@ def train_level(recipe: str, level: int, steps: int, test_images: int, overrides
         part = trainer.parts[0]
         result = evaluate(session, session.test_x, batch_size=500, seed=1, parts=[part])
     return {"part": part, "dims": session.model.part_dims()[part], "num_dims": session.num_dims,
-            "test_bpd": result[f"bpd/{part}"], "ms_per_step": 1000 * seconds / steps}
+            "test_bpd": result[f"bpd/{part}"], "steps": trainer.state.step, "train_s": seconds}
 
 
 def ablate(args: argparse.Namespace) -> None:
@@ -73,10 +73,10 @@ def ablate(args: argparse.Namespace) -> None:
 
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run, jobs))
-    print(f"{args.steps} steps per level, test bits/dim of each level's own dims on {args.test_images} "
-          f"test images ({args.recipe}):")
+    print(f"{args.steps} steps per level unless a variant sets train.steps; test bits/dim of each "
+          f"level's own dims on {args.test_images} test images ({args.recipe}):")
     levels = sorted({r["level"] for r in rows})
-    print("| variant | " + " | ".join(f"level {lv}" for lv in levels) + " | whole image | ms/step |")
+    print("| variant | " + " | ".join(f"level {lv}" for lv in levels) + " | whole image | training s |")
     print("|---" * (len(levels) + 3) + "|")
     for name, _ in variants:
         mine = {r["level"]: r for r in rows if r["variant"] == name}
@@ -85,8 +85,8 @@ def ablate(args: argparse.Namespace) -> None:
         whole = ""  # only when every level of the model ran
         if ok and len(ok) == len(mine) and sum(r["dims"] for r in ok) == ok[0]["num_dims"]:
             whole = f"{sum(r['dims'] * r['test_bpd'] for r in ok) / ok[0]['num_dims']:.3f}"
-        ms = " + ".join(f"{r['ms_per_step']:.0f}" for r in ok)
-        print(f"| {name} | " + " | ".join(cells) + f" | {whole} | {ms} |")
+        seconds = " + ".join(f"{r['train_s']:.0f}" for r in ok)  # one per level, single-threaded
+        print(f"| {name} | " + " | ".join(cells) + f" | {whole} | {seconds} |")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']}, level {r['level']}: {r['error']}", file=sys.stderr)
