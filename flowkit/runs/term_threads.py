@@ -15,8 +15,10 @@ are balanced over the threads by a timing of one forward and backward each.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -86,6 +88,15 @@ class TermThreads:
             terms.update(future.result())
         order = list(self.model.part_dims())
         return {name: terms[name] for name in order}
+
+    @contextlib.contextmanager
+    def all_cores(self) -> Iterator[None]:
+        """torch's own thread count for a while (a periodic evaluation), then one again."""
+        torch.set_num_threads(self.restore_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

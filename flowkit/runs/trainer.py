@@ -7,6 +7,7 @@ the step, so ``--resume`` continues the same trajectory as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -228,7 +229,8 @@ class Trainer:
                                  "train_seconds": round(st.train_seconds, 3)})
                 window = 0.0
             if cfg.eval_every and st.step % cfg.eval_every == 0 and not self.done():
-                result = evaluate(s, s.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, parts=self.parts)
+                with self.term_threads.all_cores() if self.term_threads else contextlib.nullcontext():
+                    result = evaluate(s, s.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, parts=self.parts)
                 self.rundir.log({"step": st.step, **{f"test_{k}": v for k, v in result.items()}})
                 self.reporter.message(f"step {st.step}: test " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:

@@ -62,3 +62,17 @@ def test_crop_windows_come_from_each_levels_own_saved_generator() -> None:
     # The state advances: later windows differ from the first (over a few draws at least one does).
     later = [a.log_prob_parts(y, ["level2"])["level2"] for _ in range(6)]
     assert any(not torch.equal(t, first) for t in later)
+
+
+def test_torch_runs_single_threaded_while_training_and_on_all_cores_for_an_evaluation() -> None:
+    model = flowkit.build("model", "wavelet_flow", in_shape=(1, 8, 8), **TINY)
+    before = torch.get_num_threads()
+    runner = TermThreads(model, 2, 64)
+    try:
+        assert torch.get_num_threads() == 1
+        with runner.all_cores():
+            assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == 1
+    finally:
+        runner.close()
+    assert torch.get_num_threads() == before
