@@ -72,20 +72,37 @@ def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -
         dequantizer: Dequantizer = build(recipe.dequantizer, in_shape=dataset.shape)
     except ShapeError as exc:
         raise FlowkitError(f"{recipe.source}: [model] does not fit {dataset.name} images of shape {dataset.shape}: {exc}") from None
-    check_level_threads(recipe, model, dequantizer)
+    check_training_fit(recipe, model, dequantizer)
     return Session(recipe, dataset, train_x, test_x, model.to(device), dequantizer.to(device), device)
 
 
-def check_level_threads(recipe: Recipe, model: DensityModel, dequantizer: Dequantizer) -> None:
-    """train.level_threads > 1 needs terms that share nothing: independent model terms, and a
-    dequantizer without parameters (a learned one feeds every term)."""
-    threads, train = recipe.train.level_threads, recipe.train
-    if threads <= 1 or train.level >= 0:
+def check_training_fit(recipe: Recipe, model: DensityModel, dequantizer: Dequantizer) -> None:
+    """What train.level and train.level_threads ask of the built parts, checked here so that a
+    misfit is reported before the run directory exists.
+
+    train.level = i trains the i-th parameter group on its own term, and train.level_threads > 1
+    trains the terms side by side: both need terms that share nothing, so a dequantizer without
+    parameters (a learned one feeds every term); side by side also needs independent terms.
+    """
+    train, source = recipe.train, recipe.source
+    learned_dequantizer = any(p.requires_grad for p in dequantizer.parameters())
+    if train.level >= 0:
+        names = list(model.parameter_groups())
+        if train.level >= len(names):
+            allowed = ", ".join(f"{i} ({n})" for i, n in enumerate(names))
+            raise RecipeError(f"train.level = {train.level} is out of range; this model's levels are: {allowed}.",
+                              source)
+        if learned_dequantizer:
+            raise RecipeError("train.level trains one level alone, which needs a dequantizer without "
+                              'parameters (use = "uniform").', source)
+        return
+    threads = train.level_threads
+    if threads <= 1:
         return
     if not model.independent_terms:
         raise RecipeError(f"train.level_threads = {threads} needs a model whose terms are independent, such as "
-                          f"wavelet_flow; {recipe.model.use} is not. Set train.level_threads = 1.", recipe.source)
-    if any(p.requires_grad for p in dequantizer.parameters()):
+                          f"wavelet_flow; {recipe.model.use} is not. Set train.level_threads = 1.", source)
+    if learned_dequantizer:
         raise RecipeError(f"train.level_threads = {threads} needs a dequantizer without parameters "
                           f'(use = "uniform"); {recipe.dequantizer.use} is learned and feeds every term. '
-                          "Set train.level_threads = 1.", recipe.source)
+                          "Set train.level_threads = 1.", source)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from flowkit.errors import RecipeError, TrainingError
+from flowkit.errors import TrainingError
 from flowkit.runs.bpd import bits_per_dim
 from flowkit.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowkit.runs.evaluate import dequantized_terms, evaluate
@@ -96,15 +96,8 @@ class Trainer:
             if deq:
                 groups["dequantizer"] = deq
             return groups, None
-        names = list(self.s.model.parameter_groups())
-        if level >= len(names):
-            allowed = ", ".join(f"{i} ({n})" for i, n in enumerate(names))
-            raise RecipeError(f"train.level = {level} is out of range; this model's levels are: {allowed}.",
-                              self.s.recipe.source)
-        if deq:
-            raise RecipeError("train.level trains one level alone, which needs a dequantizer without "
-                              'parameters (use = "uniform").', self.s.recipe.source)
-        return {names[level]: groups[names[level]]}, [names[level]]
+        name = list(self.s.model.parameter_groups())[level]  # build_session checked the range
+        return {name: groups[name]}, [name]
 
     def _term_threads(self) -> TermThreads | None:
         threads = self.cfg.level_threads

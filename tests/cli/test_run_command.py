@@ -94,6 +94,8 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["data.n_bits=0"], "n_bits = 0 is out of range"),
         (["data.use=npz", "data.path=missing.npz"], "missing.npz"),
         (["train.level_threads=2", "dequantizer.use=variational"], "needs a dequantizer without parameters"),
+        (["train.level=5"], "train.level = 5 is out of range; this model's levels are: 0 (base)"),
+        (["train.level=1", "dequantizer.use=variational"], "train.level trains one level alone"),
     ],
 )
 def test_bad_input_gives_one_paragraph_and_exit_2(tmp_path: Path, overrides: list[str], expected: str) -> None:
