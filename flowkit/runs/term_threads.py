@@ -8,17 +8,16 @@ only ~1.2x on 2 cores, while running the levels side by side, each single-thread
 every core busy (the GIL is released inside each convolution).
 
 Gradients do not depend on how terms are grouped: each parameter receives gradient from its
-own term only, and the loss ``-Σ_t log p_t / (D log 2)`` splits into per-term losses with the
-same gradients, so one backward per thread group is exactly the joint backward. The terms
-are balanced over the threads by a timing of one forward and backward each.
+own term only, and a loss affine in ``Σ_t log p_t`` (bits/dim) splits into per-group losses
+with the same gradients, so one backward per thread group is exactly the joint backward. The
+terms are balanced over the threads by a timing of one forward and backward each.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -41,21 +40,22 @@ def balance(costs: dict[str, float], n: int) -> list[list[str]]:
 class TermThreads:
     """Runs forward and backward of disjoint groups of a model's terms in a thread pool."""
 
-    def __init__(self, model: DensityModel, threads: int, num_dims: int) -> None:
+    def __init__(self, model: DensityModel, threads: int, loss: Callable[[dict[str, Tensor]], Tensor]) -> None:
+        """``loss(terms)``: the scalar loss of a group of terms, affine in their sum."""
         self.model = model
         self.threads = threads
-        self.scale = 1.0 / (num_dims * math.log(2.0))  # d(bits/dim)/d(-log p)
+        self.loss = loss
         # torch's thread count is process-wide: one per term thread while training, restored
         # by `close` for the evaluation, where large batches use the cores better.
         self.restore_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="flowkit-term")
         self.groups: list[list[str]] = []
+        self.order: list[str] = []  # the model's term order, which `backward` returns
 
     def _term_backward(self, y: Tensor, names: list[str]) -> dict[str, Tensor]:
         terms = self.model.log_prob_parts(y, names)
-        loss = -torch.stack(list(terms.values())).sum(0).mean() * self.scale
-        loss.backward()
+        self.loss(terms).backward()
         return {name: term.detach() for name, term in terms.items()}
 
     def plan(self, y: Tensor) -> list[list[str]]:
@@ -66,8 +66,9 @@ class TermThreads:
         resumed run, which plans again, continues exactly.
         """
         saved = {name: b.clone() for name, b in self.model.named_buffers()}
+        self.order = list(self.model.part_dims())
         costs = {}
-        for name in self.model.part_dims():
+        for name in self.order:
             tick = time.perf_counter()
             self.pool.submit(self._term_backward, y, [name]).result()
             costs[name] = time.perf_counter() - tick
@@ -86,8 +87,7 @@ class TermThreads:
         terms: dict[str, Tensor] = {}
         for future in futures:
             terms.update(future.result())
-        order = list(self.model.part_dims())
-        return {name: terms[name] for name in order}
+        return {name: terms[name] for name in self.order}
 
     @contextlib.contextmanager
     def all_cores(self) -> Iterator[None]:

@@ -86,7 +86,7 @@ class Trainer:
             self.cfg.lr, self.cfg.weight_decay,
         )
         self.state = TrainState()
-        self.term_threads = self._term_threads()
+        self.term_threads: TermThreads | None = None  # only while train() runs
 
     def _select_groups(self) -> tuple[dict[str, list[torch.nn.Parameter]], list[str] | None]:
         groups = {n: p for n, p in self.s.model.parameter_groups().items() if p}
@@ -103,7 +103,9 @@ class Trainer:
         threads = self.cfg.level_threads
         if threads <= 1 or self.parts is not None:
             return None  # one term alone (train.level) has nothing to run side by side
-        return TermThreads(self.s.model, threads, self.s.num_dims)  # build_session checked the fit
+        # build_session checked the fit. Each group's loss is the bits/dim of its terms: the
+        # constant offset differs from the joint loss, the gradient does not.
+        return TermThreads(self.s.model, threads, lambda terms: self.bits_per_dim(0.0, terms))
 
     # -- budget and schedule ------------------------------------------------------------
     def lr_at(self, step: int, elapsed: float) -> float:
@@ -148,24 +150,25 @@ class Trainer:
         self.s.model.initialize(y)
 
     # -- the loop ----------------------------------------------------------------------
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        log_q, terms = dequantized_terms(self.s, x, self.parts)
+    def bits_per_dim(self, log_q: torch.Tensor | float, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean bits/dim of the trained terms: all of them over the image, or train.level's alone
+        over its own dims."""
         if self.parts is None:
             dims, log_p = self.s.num_dims, torch.stack(list(terms.values())).sum(0)
         else:
             dims, log_p, log_q = self.s.model.part_dims()[self.parts[0]], terms[self.parts[0]], 0.0
-        return bits_per_dim(log_p, dims, self.s.n_bits, log_q).mean(), terms
+        return bits_per_dim(log_p, dims, self.s.n_bits, log_q).mean()
 
     def backward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss (mean bits/dim, detached) and terms of a batch; gradients accumulated."""
         if self.term_threads is None:
-            loss, terms = self.loss(x)
+            log_q, terms = dequantized_terms(self.s, x, self.parts)
+            loss = self.bits_per_dim(log_q, terms)
             loss.backward()
             return loss.detach(), terms
         y, log_q = self.s.dequantizer(x, self.s.n_bits)
         terms = self.term_threads.backward(y)
-        log_p = torch.stack(list(terms.values())).sum(0)
-        return bits_per_dim(log_p, self.s.num_dims, self.s.n_bits, log_q).mean(), terms
+        return self.bits_per_dim(log_q, terms), terms
 
     def fail(self, step: int, what: str, terms: dict[str, torch.Tensor]) -> None:
         bad = [n for n, t in terms.items() if not torch.isfinite(t).all()] or list(terms)
@@ -187,6 +190,19 @@ class Trainer:
         self.reporter.start(cfg.steps or None, cfg.minutes * 60 or None, st.step)
         s.model.train()
         s.dequantizer.train()
+        self.term_threads = self._term_threads()
+        try:
+            self._steps()
+        finally:  # a failed run, too, gives back torch's thread count and the pool's threads
+            if self.term_threads is not None:
+                self.term_threads.close()
+                self.term_threads = None
+        self.checkpoint()
+        self.reporter.finish()
+
+    def _steps(self) -> None:
+        """Training steps until the budget is spent."""
+        cfg, s, st = self.cfg, self.s, self.state
         data = batches(len(s.train_x), cfg.batch_size, cfg.seed, st.step)
         window = 0.0
         while not self.done():
@@ -228,7 +244,3 @@ class Trainer:
                 self.reporter.message(f"step {st.step}: test " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
-        self.checkpoint()
-        if self.term_threads is not None:
-            self.term_threads.close()
-        self.reporter.finish()
