@@ -30,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from flowkit.runs.trainer import SilentReporter
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "wavelet_flow_affine.toml"
 
 
@@ -98,21 +100,15 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [item.strip() for item in rest.split(";") if item.strip()]
 
 
-class StepTimes:
+class StepTimes(SilentReporter):
     """A trainer reporter that keeps the seconds of every step."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
         self.seconds: list[float] = []
 
-    def start(self, total_steps: int | None, total_seconds: float | None, done_steps: int) -> None: ...
-
     def step(self, step: int, metrics: dict[str, float]) -> None:
         self.seconds.append(self.batch_size / metrics["images_per_s"])
-
-    def message(self, text: str) -> None: ...
-
-    def finish(self) -> None: ...
 
 
 def throughput(args: argparse.Namespace) -> None:
