@@ -7,22 +7,23 @@ from __future__ import annotations
 
 from flowkit.api import build, ref
 from flowkit.contracts import (
-    DataParams, Decomposition, DensityModel, Dequantizer, ImageDataset, Prior, Sequential, Transform,
+    DataParams, Decomposition, DecompositionLayer, DensityModel, Dequantizer, ImageDataset, IndependentTerms, Prior,
+    Sequential, SuperResolution, Transform,
 )
 from flowkit.errors import (
     DataError, FlowkitError, InverseNotAvailable, PluginError, RecipeError, ShapeError,
     TrainingError, UnknownPartError,
 )
 from flowkit.hookspecs import hookimpl
-from flowkit.params import NoParams, PartRef, param, part_field
+from flowkit.params import Copies, Derive, NoParams, PartRef, param, part_field
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DataError", "DataParams", "Decomposition", "DensityModel", "Dequantizer", "FlowkitError",
-    "ImageDataset", "InverseNotAvailable", "NoParams", "PartRef", "PluginError", "Prior",
-    "RecipeError", "Sequential", "ShapeError", "TrainingError", "Transform", "UnknownPartError",
-    "build", "hookimpl", "param", "part_field", "ref",
+    "Copies", "DataError", "DataParams", "Decomposition", "DecompositionLayer", "DensityModel", "Dequantizer",
+    "Derive", "FlowkitError", "ImageDataset", "IndependentTerms", "InverseNotAvailable", "NoParams", "PartRef",
+    "PluginError", "Prior", "RecipeError", "Sequential", "ShapeError", "SuperResolution", "TrainingError",
+    "Transform", "UnknownPartError", "build", "hookimpl", "param", "part_field", "ref",
 ]
 
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
+from flowkit.kinds import KINDS
+
 if TYPE_CHECKING:
     import click
 
@@ -29,18 +31,8 @@ PROJECT = "flowkit"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-#: The hooks that register parts, by the kind of part they register.
-KIND_HOOKS: dict[str, str] = {
-    "transform": "flowkit_register_transforms",
-    "decomposition": "flowkit_register_decompositions",
-    "coupling": "flowkit_register_couplings",
-    "step": "flowkit_register_steps",
-    "net": "flowkit_register_nets",
-    "prior": "flowkit_register_priors",
-    "dequantizer": "flowkit_register_dequantizers",
-    "model": "flowkit_register_models",
-    "dataset": "flowkit_register_datasets",
-}
+#: The hooks that register parts, by the kind of part they register (from `flowkit.kinds.KINDS`).
+KIND_HOOKS: dict[str, str] = {kind.name: kind.hook for kind in KINDS.values()}
 
 
 @hookspec

@@ -10,8 +10,14 @@ Every field carries a one-line ``metadata={"doc": ...}``; `param` and `part_fiel
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+
+#: The key of a part's table that lists the values it derives for its copies (written to a
+#: run's recipe.toml, checked when read back, never set by hand).
+DERIVED = "derived"
 
 
 @dataclass(frozen=True)
@@ -20,16 +26,38 @@ class PartRef:
 
     ``params`` is the validated Params instance of that part, or ``None`` for its defaults
     (a Params default cannot build the nested Params, since the registry is not known yet).
+    ``path`` is where the recipe holds it (``model.step.coupling``; a copy's path has its
+    index: ``model.step[3].coupling``), empty for parts a factory builds on its own; it is
+    a label for records and errors and takes no part in equality.
     """
 
     kind: str
     use: str
     params: Any = None
+    path: str = field(default="", compare=False)
 
     def to_toml(self) -> dict[str, Any]:
+        """The TOML table of this part. Values the part derives for copies of its nested parts
+        are left out of those parts' tables and listed under ``derived`` instead, so that the
+        table states exactly the values that are built."""
         table: dict[str, Any] = {"use": self.use}
-        if self.params is not None:
-            table.update(params_to_toml(self.params))
+        if self.params is None:
+            return table
+        table.update(params_to_toml(self.params))
+        derived: dict[str, Any] = {}
+        for name, copies in declared_copies(self.params).items():
+            template = getattr(self.params, name)
+            for rule in copies.derive:
+                for sub in paths_of_kind(template, rule.kind):
+                    dotted = ".".join([name, *sub, rule.key])
+                    node = table[name]
+                    for key in sub:
+                        node = node[key]
+                    node.pop(rule.key, None)
+                    same = len(set(map(repr, rule.values))) == 1
+                    derived[dotted] = rule.values[0] if same else list(rule.values)
+        if derived:
+            table[DERIVED] = derived
         return table
 
 
@@ -41,12 +69,22 @@ def param(default: Any = dataclasses.MISSING, doc: str = "", **kwargs: Any) -> A
     return field(default=default, metadata=metadata, **kwargs)
 
 
-def part_field(kind: str, default: str | None, doc: str = "") -> Any:
-    """A nested part of ``kind``; ``default`` is the registered name used when omitted."""
-    metadata = {"doc": doc, "kind": kind}
+def part_field(kind: str, default: str | dict[str, Any] | None, doc: str = "") -> Any:
+    """A nested part of ``kind``. ``default`` is the registered name used when omitted, or a
+    table with ``use`` and some of that part's values (a variational dequantizer's default
+    step is a Glow step with a checkerboard mixlogistic coupling); a recipe table without
+    ``use``, or with the same ``use``, is merged over it."""
+    metadata: dict[str, Any] = {"doc": doc, "kind": kind}
     if default is None:
         return field(metadata=metadata)
-    return field(default_factory=lambda: PartRef(kind, default), metadata=metadata)
+    if isinstance(default, dict):
+        if not isinstance(default.get("use"), str):
+            raise TypeError(f"part_field default table {default!r} needs a `use` name.")
+        metadata["default_table"] = default
+        name = default["use"]
+    else:
+        name = default
+    return field(default_factory=lambda: PartRef(kind, name), metadata=metadata)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,20 +106,82 @@ def params_to_toml(params: Any) -> dict[str, Any]:
     return table
 
 
-def override_nested(ref: PartRef, kind: str, key: str, value: Any, defaults: Any) -> PartRef:
-    """``ref`` with parameter ``key`` set to ``value`` in every nested part of ``kind``.
 
-    Models use it to vary one setting per level or per step (a net's width per Wavelet Flow
-    level, a coupling's parity per step) without knowing how deep the part sits. Parts of
-    ``kind`` that have no such parameter are left alone. ``defaults(kind, name)`` returns the
-    default Params of a part (`flowkit.build.Builder.default_params`).
+
+# -- assembly: copies of a nested part, and the values a part derives for each copy -------------
+
+
+@dataclass(frozen=True)
+class Derive:
+    """A parameter that a composite part sets on each copy of a nested part.
+
+    Args:
+        kind: the kind of part it is set on: every part of this kind inside the copy (the copy
+            itself included), however deep (a coupling inside a Glow step inside a MaCow step).
+        key: the parameter.
+        values: one value per copy.
+        source: what decides the values, for the reader and for errors
+            (``"alternates step by step"``, ``"model.hidden, per level"``).
     """
+
+    kind: str
+    key: str
+    values: tuple[Any, ...]
+    source: str
+
+
+@dataclass(frozen=True)
+class Copies:
+    """``count`` copies of the part in one field, each with the `Derive` values of its index."""
+
+    count: int
+    derive: tuple[Derive, ...] = ()
+
+    def __post_init__(self) -> None:
+        for rule in self.derive:
+            if len(rule.values) != self.count:
+                raise ValueError(f"{rule.kind}.{rule.key} derives {len(rule.values)} values for {self.count} copies.")
+
+
+@runtime_checkable
+class AssemblesCopies(Protocol):
+    """Params of a composite part that builds some nested parts several times (steps of a flow).
+
+    ``copies()`` names those fields and what differs between the copies. The recipe loader
+    applies it before the recipe is resolved: it refuses a value the user set that a copy
+    would override, records the derived values in the resolved recipe, and the part's
+    factory builds exactly those copies (``build.copies(params, field)``).
+    """
+
+    def copies(self) -> dict[str, Copies]: ...
+
+
+def declared_copies(params: Any) -> dict[str, Copies]:
+    return params.copies() if isinstance(params, AssemblesCopies) else {}
+
+
+def paths_of_kind(ref: PartRef, kind: str, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Field paths, relative to ``ref``, of every part of ``kind`` in ``ref`` (``()``: ``ref`` itself)."""
+    found = [prefix] if ref.kind == kind else []
+    if ref.params is not None:
+        for f in dataclasses.fields(ref.params):
+            child = getattr(ref.params, f.name)
+            if isinstance(child, PartRef):
+                found += paths_of_kind(child, kind, (*prefix, f.name))
+    return found
+
+
+def make_copy(ref: PartRef, rules: tuple[Derive, ...], index: int, defaults: Callable[[str, str], Any],
+              path: str) -> PartRef:
+    """Copy ``index`` of ``ref``: every nested part of a rule's kind gets that rule's value,
+    and every path is relabelled under ``path`` (``model.step[3]``)."""
     params = ref.params if ref.params is not None else defaults(ref.kind, ref.use)
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(params):
         child = getattr(params, f.name)
         if isinstance(child, PartRef):
-            changes[f.name] = override_nested(child, kind, key, value, defaults)
-        elif ref.kind == kind and f.name == key:
-            changes[f.name] = value
-    return PartRef(ref.kind, ref.use, dataclasses.replace(params, **changes))
+            changes[f.name] = make_copy(child, rules, index, defaults, f"{path}.{f.name}")
+    for rule in rules:
+        if ref.kind == rule.kind:
+            changes[rule.key] = rule.values[index]
+    return PartRef(ref.kind, ref.use, dataclasses.replace(params, **changes), path=path)

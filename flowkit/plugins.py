@@ -17,6 +17,7 @@ import pluggy
 
 from flowkit import hookspecs
 from flowkit.errors import PluginError
+from flowkit.kinds import KINDS
 from flowkit.registry import Registries, make_register
 
 LOCAL = "(not installed)"
@@ -102,13 +103,13 @@ def make_plugins(*, entry_points: bool = True, extra: Iterable[object | str] = (
 
 
 def _collect(pm: pluggy.PluginManager) -> Registries:
-    registries = Registries(list(hookspecs.KIND_HOOKS))
+    registries = Registries(list(KINDS))
     dist_of = {id(p): (d.metadata["name"], d.version) for p, d in pm.list_plugin_distinfo()}
-    for kind, hook_name in hookspecs.KIND_HOOKS.items():
-        hook = getattr(pm.hook, hook_name)
+    for kind in KINDS.values():
+        hook = getattr(pm.hook, kind.hook)
         # Called implementation by implementation, so each part records its plugin.
         for impl in reversed(hook.get_hookimpls()):
             dist, version = dist_of.get(id(impl.plugin), (LOCAL, ""))
-            register = make_register(registries[kind], impl.plugin_name, dist, version)
+            register = make_register(registries[kind.name], impl.plugin_name, dist, version)
             impl.function(register=register)
     return registries

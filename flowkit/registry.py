@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flowkit.errors import PluginError, UnknownPartError
+from flowkit.kinds import KINDS
 from flowkit.params import NoParams
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -52,6 +53,16 @@ class Registry:
             raise PluginError(
                 f'Plugin "{part.plugin}" registers {self.kind} "{part.name}" with params='
                 f"{part.params!r}, which is not a dataclass type."
+            )
+        required = KINDS[self.kind].assembly_params if self.kind in KINDS else ()
+        declared = {f.name for f in dataclasses.fields(part.params)}
+        missing = [name for name in required if name not in declared]
+        if missing:
+            raise PluginError(
+                f'Plugin "{part.plugin}" registers {self.kind} "{part.name}" whose params '
+                f"{part.params.__name__} lack {', '.join(missing)}. Every {self.kind} must declare "
+                f"{', '.join(required)}: models set them copy by copy when they assemble steps "
+                f"(docs/plugin-hooks.md, the {self.kind} contract)."
             )
         old = self._parts.get(part.name)
         if old is not None:

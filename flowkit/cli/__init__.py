@@ -58,21 +58,21 @@ _startup_plugins = None
 
 
 def _add_commands() -> None:
-    from flowkit.cli import parts, plugins_cmd, run, sample, superres
+    """The core's commands, then the plugins' (``flowkit_add_commands``: ``superres`` comes from
+    the wavelet_flow plugin). Plugins are loaded for this, so a broken plugin is reported here."""
+    from flowkit.cli import parts, plugins_cmd, run, sample
+    from flowkit.plugins import make_plugins
 
-    for module in (run, sample, superres, parts, plugins_cmd):
+    for module in (run, sample, parts, plugins_cmd):
         module.register(cli)
+    global _startup_plugins
+    _startup_plugins = make_plugins()
+    _startup_plugins.pm.hook.flowkit_add_commands(cli=cli)
 
 
 def main() -> None:
-    _add_commands()
-    # Third-party commands: plugins are loaded for this, so a broken plugin is reported here.
-    global _startup_plugins
     try:
-        from flowkit.plugins import make_plugins
-
-        _startup_plugins = make_plugins()
-        _startup_plugins.pm.hook.flowkit_add_commands(cli=cli)
+        _add_commands()
     except FlowkitError as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -18,21 +18,10 @@ from rich.table import Table
 
 from flowkit.cli import get_plugins
 from flowkit.cli.console import console
+from flowkit.kinds import KINDS
 from flowkit.params import PartRef
 from flowkit.recipes.schema import field_types, type_name
 from flowkit.registry import Part, Registries
-
-#: Where a part of each kind typically sits in a recipe, for the example table.
-EXAMPLE_TABLE = {
-    "dataset": "data",
-    "dequantizer": "dequantizer",
-    "model": "model",
-    "decomposition": "model.decomposition",
-    "prior": "model.prior",
-    "step": "model.step",
-    "coupling": "model.step.coupling",
-    "net": "model.step.coupling.net",
-}
 
 
 def field_records(params_cls: type) -> list[dict[str, Any]]:
@@ -50,7 +39,7 @@ def field_records(params_cls: type) -> list[dict[str, Any]]:
         else:
             default = dataclasses.MISSING
         if isinstance(default, PartRef):
-            default = default.to_toml()
+            default = f.metadata.get("default_table") or default.to_toml()
         elif isinstance(default, tuple):
             default = list(default)
         required = default is dataclasses.MISSING
@@ -81,7 +70,7 @@ def _toml_value(value: Any) -> str:
 
 def example_toml(part: Part) -> str:
     """A recipe table that selects ``part`` with every parameter at its default."""
-    header = EXAMPLE_TABLE.get(part.kind, f"model.{part.kind}")
+    header = KINDS[part.kind].example if part.kind in KINDS else f"model.{part.kind}"
     lines = [f'# {part.kind} "{part.name}" with its defaults; the table name depends on the recipe.',
              f"[{header}]", f'use = "{part.name}"']
     for record in field_records(part.params):

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from flowkit.cli.console import console, progress_enabled
+from flowkit.runs.run import part_rows
 
 
 class RichReporter:
@@ -69,9 +70,8 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
     if "test_bpd_iw" in summary:
         table.add_row(f"test bits/dim, {summary['iw_samples']} importance samples", fmt(summary["test_bpd_iw"]))
     table.add_row("train bits/dim", fmt(summary["train_bpd"]))
-    per_part = summary.get("test_bpd_per_part", {})
-    for part, value in per_part.items() if len(per_part) > 1 else ():
-        table.add_row(f"  test bits/dim of {part}", fmt(value))
+    for label, value in part_rows(summary):
+        table.add_row(f"  {label}", fmt(value))
     table.add_row("parameters", f"{summary['params']:,}")
     table.add_row("steps", str(summary["steps"]))
     table.add_row("train images/s", f"{summary['train_images_per_s']:.0f}")
@@ -80,6 +80,8 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
     table.add_row("device", summary["device"])
     for path in summary.get("samples", []):
         table.add_row("samples", path)
+    for temperature, count in summary.get("samples_overflowed", {}).items():
+        table.add_row(f"samples overflowed at {temperature}", str(count))
     return table
 
 
@@ -89,11 +91,13 @@ def register(cli: click.Group) -> None:
     @click.option("--preset", help="Apply a named preset of the recipe (e.g. smoke, paper).")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a recipe key, e.g. --set train.lr=3e-4 (repeatable).")
-    @click.option("--level", type=int, help="Train one Wavelet Flow level alone (0 = base).")
+    @click.option("--level", type=int,
+                  help="Train one term alone, for models whose terms are densities of their own "
+                       "(a Wavelet Flow level; 0 = base).")
     @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/<name>-<time>).")
     @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
     @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this directory.")
-    @click.option("--iw-samples", "iw_samples", type=int, default=0,
+    @click.option("--iw-samples", "iw_samples", type=click.IntRange(min=0), default=0,
                   help="Also report the importance-weighted test bits/dim with k dequantization samples.")
     @click.pass_context
     def run(ctx: click.Context, recipe: Path | None, preset: str | None, overrides: tuple[str, ...],

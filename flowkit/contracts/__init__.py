@@ -1,13 +1,13 @@
 """The contracts every part honours; plugins subclass these."""
 
 from flowkit.contracts.dataset import DataParams, ImageDataset
-from flowkit.contracts.decomposition import Decomposition
+from flowkit.contracts.decomposition import Decomposition, DecompositionLayer
 from flowkit.contracts.dequantizer import Dequantizer
-from flowkit.contracts.model import DensityModel
+from flowkit.contracts.model import DensityModel, IndependentTerms, SuperResolution
 from flowkit.contracts.prior import Prior
 from flowkit.contracts.transform import Sequential, Transform
 
 __all__ = [
-    "DataParams", "Decomposition", "DensityModel", "Dequantizer", "ImageDataset", "Prior",
-    "Sequential", "Transform",
+    "DataParams", "Decomposition", "DecompositionLayer", "DensityModel", "Dequantizer", "ImageDataset",
+    "IndependentTerms", "Prior", "Sequential", "SuperResolution", "Transform",
 ]

@@ -11,6 +11,7 @@ log q = 0 and gives the usual offset D log K.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -24,3 +25,7 @@ class Dequantizer(nn.Module):
 
     def forward(self, x: Tensor, n_bits: int) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, n_bits: int) -> None:
+        """Data-dependent initialisation (actnorm in a learned dequantizer); the default does nothing."""

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from flowkit.errors import RecipeError
+from flowkit.kinds import PART_SECTIONS
 from flowkit.params import PartRef, params_to_toml
 from flowkit.recipes.schema import INHERITED, _validate, validate_fields
 from flowkit.recipes.sections import RecipeMeta, SampleParams, TrainParams
 from flowkit.recipes.toml_write import dumps
 from flowkit.registry import Registries
 
-#: Sections holding a part: section name → kind of part.
-PART_SECTIONS = {"data": "dataset", "dequantizer": "dequantizer", "model": "model"}
 ENGINE_SECTIONS = {"recipe": RecipeMeta, "train": TrainParams, "sample": SampleParams}
 SECTIONS = ["recipe", "data", "dequantizer", "model", "train", "sample", "presets"]
 MAX_EXTENDS_DEPTH = 8
@@ -60,7 +59,9 @@ class Recipe:
             header += f" with preset {self.preset}"
         if self.overrides:
             header += " and --set " + " ".join(self.overrides)
-        return header + "\n# Rerun with: flowkit run recipe.toml\n\n" + dumps(self.to_dict())
+        return (header + "\n# Rerun with: flowkit run recipe.toml\n# Every value here is the value that was built. A [*.derived] table lists what a part sets\n"
+                "# on each copy of a nested part (one value per copy, or one for all); those keys are\n"
+                "# left out of the copied part's table, and cannot be set.\n\n" + dumps(self.to_dict()))
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)

@@ -13,7 +13,7 @@ import typing
 from typing import Any, Literal, get_args, get_origin
 
 from flowkit.errors import RecipeError, UnknownPartError
-from flowkit.params import PartRef
+from flowkit.params import DERIVED, PartRef, declared_copies, make_copy, paths_of_kind
 from flowkit.registry import Registries
 
 RESERVED = "use"
@@ -100,16 +100,92 @@ def _validate(
         problems.append(f"{path}.use = {exc}")
         return None
     before = len(problems)
-    params = validate_fields(registries, part.params, table, path, problems, kind=kind, name=name)
+    params = validate_fields(registries, part.params, table, path, problems, kind=kind, name=name,
+                             extra_keys=(RESERVED, DERIVED))
     if len(problems) > before:
         return None
-    return PartRef(kind, name, params)
+    ref = PartRef(kind, name, params, path=path)
+    _check_copies(registries, ref, table, problems)
+    return ref if len(problems) == before else None
+
+
+def _check_copies(registries: Registries, ref: PartRef, table: dict[str, Any], problems: list[str]) -> None:
+    """What ``ref`` derives for the copies of its nested parts (`flowkit.params.Copies`), checked
+    before anything is built: every value fits the part it is set on; none replaces a value
+    the recipe sets (that value would never run); a ``derived`` table, as a run directory's
+    recipe.toml has, lists exactly what is derived now."""
+    owner = f'{ref.kind} "{ref.use}"'
+    before = len(problems)
+    for name, copies in declared_copies(ref.params).items():
+        template: PartRef = getattr(ref.params, name)
+        for rule in copies.derive:
+            for sub in paths_of_kind(template, rule.kind):
+                target, raw = template, table.get(name)
+                for key in sub:
+                    target = getattr(target.params, key)
+                    raw = raw.get(key) if isinstance(raw, dict) else None
+                dotted = ".".join([ref.path, name, *sub, rule.key])
+                types = field_types(type(target.params))
+                if rule.key not in types:
+                    problems.append(
+                        f'{dotted}: {owner} sets {rule.key} on each copy ({rule.source}), but {target.kind} '
+                        f'"{target.use}" has no parameter {rule.key}; choose a {target.kind} that has it.'
+                    )
+                    continue
+                if isinstance(raw, dict) and rule.key in raw:
+                    problems.append(
+                        f"{dotted} = {_show(raw[rule.key])} cannot be set: {owner} sets it on each copy "
+                        f"({rule.source}), so that value would never run. Remove it."
+                    )
+                for value in dict.fromkeys(rule.values):
+                    _check_scalar(types[rule.key], value, f"{dotted} (set on each copy by {owner}: {rule.source})",
+                                  problems)
+    if len(problems) > before:
+        return
+    defaults = lambda kind, use: validate_params(registries, kind, use, {}, f"{kind}:{use}")  # noqa: E731
+    for name, copies in declared_copies(ref.params).items():
+        for index in range(copies.count):
+            try:
+                make_copy(getattr(ref.params, name), copies.derive, index, defaults, f"{ref.path}.{name}[{index}]")
+            except (TypeError, ValueError) as exc:  # a range check in a nested Params
+                problems.append(f"{ref.path}.{name}[{index}] (a copy {owner} builds): {exc}")
+                return
+    given = table.get(DERIVED)
+    if given is not None:
+        expected = ref.to_toml().get(DERIVED)
+        if expected is None:
+            problems.append(f"{ref.path}.{DERIVED}: {owner} derives no values for copies; remove this table.")
+        elif given != expected:
+            problems.append(
+                f"{ref.path}.{DERIVED} does not match what {owner} derives from these parameters "
+                f"({_show(expected)}); it is written by flowkit run, not read: remove it."
+            )
 
 
 def _default_use(f: dataclasses.Field) -> str | None:
     if "kind" not in f.metadata or f.default_factory is dataclasses.MISSING:
         return None
     return f.default_factory().use
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def with_default_table(f: dataclasses.Field, value: Any) -> Any:
+    """A nested part's table with the field's default table (`part_field`) merged under it, when
+    it names the default part (or no part)."""
+    default = f.metadata.get("default_table")
+    if default is None:
+        return value
+    if isinstance(value, str):
+        value = {RESERVED: value}
+    if isinstance(value, dict) and value.get(RESERVED, default[RESERVED]) == default[RESERVED]:
+        return _merged(default, value)
+    return value
 
 
 def validate_fields(
@@ -135,14 +211,15 @@ def validate_fields(
             continue
         tp, meta = types[key], fields[key].metadata
         if "kind" in meta:
-            values[key] = _validate(registries, meta["kind"], value, dotted, problems, _default_use(fields[key]))
+            values[key] = _validate(registries, meta["kind"], with_default_table(fields[key], value), dotted, problems,
+                                    _default_use(fields[key]))
         else:
             values[key] = _check_scalar(tp, value, dotted, problems)
     for key, f in fields.items():
         default_use = _default_use(f)
         if key not in table and default_use is not None:
             # Fill in the nested part's defaults, so the resolved recipe states every value.
-            values[key] = _validate(registries, f.metadata["kind"], {RESERVED: default_use},
+            values[key] = _validate(registries, f.metadata["kind"], with_default_table(f, {RESERVED: default_use}),
                                     f"{path}.{key}" if path else key, problems)
         if key not in table and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             dotted = f"{path}.{key}" if path else key

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
+
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def _key(key: str) -> str:
+    """A bare key where TOML allows one; otherwise quoted (``"step.coupling.parity"`` is one key)."""
+    return key if BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
 
 
 def _scalar(value: Any) -> str:
@@ -36,10 +44,10 @@ def dumps(table: dict[str, Any], _prefix: str = "") -> str:
         if isinstance(value, dict):
             nested.append((key, value))
         else:
-            lines.append(f"{key} = {_scalar(value)}")
+            lines.append(f"{_key(key)} = {_scalar(value)}")
     out = "\n".join(lines)
     for key, value in nested:
-        name = f"{_prefix}.{key}" if _prefix else key
+        name = f"{_prefix}.{_key(key)}" if _prefix else _key(key)
         body = dumps(value, name)
         out += ("\n\n" if out else "") + f"[{name}]" + ("\n" + body if body and not body.startswith("[") else ("\n\n" + body if body else ""))
     return out.strip("\n") + ("\n" if not _prefix else "")

@@ -16,6 +16,9 @@ from flowkit.runs.sampling import sample_grids
 from flowkit.runs.session import Session, build_session
 from flowkit.runs.trainer import Reporter, Trainer, peak_memory_bytes
 
+DENSITY = "dequantized bound: -log p(y) + D log 2^n_bits + log q(u|x), over all C*H*W dims"
+DENSITY_ALONE = ("term {term} alone, a density of its own: -log p(term) + D_t log 2^n_bits over its own D_t dims "
+                 "(the model's other terms were not trained)")
 TRAIN_EVAL_IMAGES = 10_000  # train bpd is measured on this many training images, like the test set
 
 
@@ -34,9 +37,10 @@ def execute(session: Session, rundir: RunDir, reporter: Reporter, *, resume: boo
     trainer.train(resume=resume)
     cfg = recipe.train
     reporter.message(f"Evaluating on {len(session.test_x)} test images...")
-    test = evaluate(session, session.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, parts=trainer.parts)
+    alone = trainer.parts[0] if trainer.parts else None
+    test = evaluate(session, session.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, alone=alone)
     train_x = session.train_x[:TRAIN_EVAL_IMAGES]
-    train = evaluate(session, train_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2, parts=trainer.parts)
+    train = evaluate(session, train_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2, alone=alone)
     samples, overflowed_by_t = [], {}
     if trainer.parts is None:
         samples, overflowed_by_t = sample_grids(session, rundir.samples, n=recipe.sample.n,
@@ -50,11 +54,14 @@ def execute(session: Session, rundir: RunDir, reporter: Reporter, *, resume: boo
         "dataset": session.dataset.name,
         "image_shape": list(session.dataset.shape),
         "n_bits": session.n_bits,
-        "density": "dequantized bound: -log p(y) + D log 2^n_bits + log q(u|x), over all C*H*W dims",
-        "test_bpd": test.get("bpd"),
-        "train_bpd": train.get("bpd"),
-        "test_bpd_per_part": {k[4:]: v for k, v in test.items() if k.startswith("bpd/")},
-        "train_bpd_per_part": {k[4:]: v for k, v in train.items() if k.startswith("bpd/")},
+        "density": DENSITY if alone is None else DENSITY_ALONE.format(term=alone),
+        "test_bpd": test["bpd"],
+        "train_bpd": train["bpd"],
+        # Terms that are densities of their own (Wavelet Flow's levels): bits/dim over their own dims.
+        "test_bpd_per_part": _by_prefix(test, "bpd/"),
+        "train_bpd_per_part": _by_prefix(train, "bpd/"),
+        # Terms that are not (Glow's levels): each one's share of the whole image's bits/dim.
+        "test_bpd_share_per_part": _by_prefix(test, "bpd_share/"),
         "test_images": len(session.test_x),
         "train_eval_images": len(train_x),
         "params": count_parameters(session.model, session.dequantizer),
@@ -69,21 +76,32 @@ def execute(session: Session, rundir: RunDir, reporter: Reporter, *, resume: boo
         "samples": [str(p.relative_to(rundir.path)) for p in samples],
         "level": cfg.level,
     }
-    if overflowed_by_t:
+    if samples:
         summary["samples_overflowed"] = overflowed_by_t  # images per grid whose inverse overflowed
     if iw_samples and trainer.parts is None:
         reporter.message(f"Importance-weighted evaluation with {iw_samples} samples...")
         summary["test_bpd_iw"] = evaluate_iw(session, session.test_x, k=iw_samples,
                                              batch_size=cfg.eval_batch_size, seed=cfg.seed + 3)
         summary["iw_samples"] = iw_samples
-    if trainer.parts is not None:
-        summary["trained_part"] = trainer.parts[0]
-        summary["test_bpd"] = test[f"bpd/{trainer.parts[0]}"]
-        summary["train_bpd"] = train[f"bpd/{trainer.parts[0]}"]
+    if alone is not None:
+        summary["trained_part"] = alone
     rundir.log({"step": st.step, "final": True, **{f"test_{k}": v for k, v in test.items()}})
     rundir.write_summary(summary)
     write_report(rundir, recipe, summary)
     return summary
+
+
+def _by_prefix(result: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
+
+
+def part_rows(summary: dict[str, Any]) -> list[tuple[str, float]]:
+    """Per-term figures labelled for what they are (the report and the final table)."""
+    rows = [(f"test bits/dim of {part} (over its own dims)", v) for part, v in summary["test_bpd_per_part"].items()]
+    shares = summary["test_bpd_share_per_part"]
+    if len(shares) > 1:
+        rows += [(f"share of test bits/dim from {part} (-log p term / (D log 2))", v) for part, v in shares.items()]
+    return rows
 
 
 def write_report(rundir: RunDir, recipe: Recipe, summary: dict[str, Any]) -> None:
@@ -93,8 +111,10 @@ def write_report(rundir: RunDir, recipe: Recipe, summary: dict[str, Any]) -> Non
                 "wall_s", "device"):
         value = summary.get(key)
         lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    for part, value in summary.get("test_bpd_per_part", {}).items():
-        lines.append(f"| test bpd of {part} | {value:.4f} |")
+    for label, value in part_rows(summary):
+        lines.append(f"| {label} | {value:.4f} |")
+    for temperature, count in summary.get("samples_overflowed", {}).items():
+        lines.append(f"| samples overflowed at {temperature} | {count} of {recipe.sample.n} |")
     lines += ["", f"Density reported: {summary['density']}.", ""]
     lines += [f"![{p}]({p})" for p in summary.get("samples", [])]
     (rundir.path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -10,11 +10,12 @@ import torch
 from flowkit.build import Builder
 from flowkit.contracts.dataset import ImageDataset
 from flowkit.contracts.dequantizer import Dequantizer
-from flowkit.contracts.model import DensityModel
+from flowkit.contracts.model import DensityModel, IndependentTerms
 from flowkit.errors import FlowkitError, RecipeError, ShapeError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe
 from flowkit.runs.bpd import reduce_bits
+from flowkit.runs.objective import Objective
 
 
 def pick_device(name: str) -> torch.device:
@@ -50,6 +51,10 @@ class Session:
         c, h, w = self.dataset.shape
         return c * h * w
 
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.model, self.dequantizer, self.n_bits, self.num_dims)
+
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, "dequantizer": self.dequantizer}
 
@@ -80,12 +85,18 @@ def check_training_fit(recipe: Recipe, model: DensityModel, dequantizer: Dequant
     """What train.level and train.level_threads ask of the built parts, checked here so that a
     misfit is reported before the run directory exists.
 
-    train.level = i trains the i-th parameter group on its own term, and train.level_threads > 1
-    trains the terms side by side: both need terms that share nothing, so a dequantizer without
-    parameters (a learned one feeds every term); side by side also needs independent terms.
+    train.level = i trains the i-th term alone and train.level_threads > 1 trains the terms side
+    by side: both need terms that are densities of their own with their own parameters
+    (`IndependentTerms`) and a dequantizer without parameters (a learned one feeds every term).
     """
     train, source = recipe.train, recipe.source
     learned_dequantizer = any(p.requires_grad for p in dequantizer.parameters())
+    independent = isinstance(model, IndependentTerms)
+    if train.level >= 0 and not independent:
+        raise RecipeError(
+            f"train.level = {train.level} (--level) trains one term of the model alone, which needs terms "
+            f"that are densities of their own, such as wavelet_flow's levels; {recipe.model.use}'s terms "
+            "are not (each depends on the layers before it). Train the whole model (train.level = -1).", source)
     if train.level >= 0:
         names = list(model.parameter_groups())
         if train.level >= len(names):
@@ -99,7 +110,7 @@ def check_training_fit(recipe: Recipe, model: DensityModel, dequantizer: Dequant
     threads = train.level_threads
     if threads <= 1:
         return
-    if not model.independent_terms:
+    if not independent:
         raise RecipeError(f"train.level_threads = {threads} needs a model whose terms are independent, such as "
                           f"wavelet_flow; {recipe.model.use} is not. Set train.level_threads = 1.", source)
     if learned_dequantizer:

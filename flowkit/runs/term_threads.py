@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from flowkit.contracts.model import DensityModel
+from flowkit.contracts.model import IndependentTerms
 
 
 def balance(costs: dict[str, float], n: int) -> list[list[str]]:
@@ -40,7 +40,7 @@ def balance(costs: dict[str, float], n: int) -> list[list[str]]:
 class TermThreads:
     """Runs forward and backward of disjoint groups of a model's terms in a thread pool."""
 
-    def __init__(self, model: DensityModel, threads: int, loss: Callable[[dict[str, Tensor]], Tensor]) -> None:
+    def __init__(self, model: IndependentTerms, threads: int, loss: Callable[[dict[str, Tensor]], Tensor]) -> None:
         """``loss(terms)``: the scalar loss of a group of terms, affine in their sum."""
         self.model = model
         self.threads = threads
@@ -54,7 +54,7 @@ class TermThreads:
         self.order: list[str] = []  # the model's term order, which `backward` returns
 
     def _term_backward(self, y: Tensor, names: list[str]) -> dict[str, Tensor]:
-        terms = self.model.log_prob_parts(y, names)
+        terms = self.model.log_prob_terms(y, names)
         self.loss(terms).backward()
         return {name: term.detach() for name, term in terms.items()}
 

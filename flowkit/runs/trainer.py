@@ -18,9 +18,8 @@ from typing import Any, Protocol
 import torch
 
 from flowkit.errors import TrainingError
-from flowkit.runs.bpd import bits_per_dim
 from flowkit.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from flowkit.runs.evaluate import dequantized_terms, evaluate
+from flowkit.runs.evaluate import evaluate
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.session import Session
 from flowkit.runs.term_threads import TermThreads
@@ -80,6 +79,7 @@ class Trainer:
         self.rundir = rundir
         self.reporter = reporter or SilentReporter()
         self.cfg = session.recipe.train
+        self.objective = session.objective
         self.groups, self.parts = self._select_groups()
         self.optimizer = make_optimizer(
             self.cfg.optimizer, [{"params": p, "name": n} for n, p in self.groups.items()],
@@ -96,7 +96,7 @@ class Trainer:
             if deq:
                 groups["dequantizer"] = deq
             return groups, None
-        name = list(self.s.model.parameter_groups())[level]  # build_session checked the range
+        name = list(self.s.model.parameter_groups())[level]  # build_session checked the capability and range
         return {name: groups[name]}, [name]
 
     def _term_threads(self) -> TermThreads | None:
@@ -105,7 +105,7 @@ class Trainer:
             return None  # one term alone (train.level) has nothing to run side by side
         # build_session checked the fit. Each group's loss is the bits/dim of its terms: the
         # constant offset differs from the joint loss, the gradient does not.
-        return TermThreads(self.s.model, threads, lambda terms: self.bits_per_dim(0.0, terms))
+        return TermThreads(self.s.model, threads, lambda terms: self.objective.bits_per_dim(terms, 0.0).mean())
 
     # -- budget and schedule ------------------------------------------------------------
     def lr_at(self, step: int, elapsed: float) -> float:
@@ -144,31 +144,21 @@ class Trainer:
         n = min(self.cfg.init_batch_size, len(self.s.train_x))
         idx = torch.randperm(len(self.s.train_x), generator=torch.Generator().manual_seed(self.cfg.seed))[:n]
         x = self.s.train_x[idx].to(self.s.device)
-        if hasattr(self.s.dequantizer, "initialize"):
-            self.s.dequantizer.initialize(x, self.s.n_bits)
-        y, _ = self.s.dequantizer(x, self.s.n_bits)
+        self.s.dequantizer.initialize(x, self.s.n_bits)
+        y, _ = self.objective.dequantize(x)
         self.s.model.initialize(y)
 
     # -- the loop ----------------------------------------------------------------------
-    def bits_per_dim(self, log_q: torch.Tensor | float, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean bits/dim of the trained terms: all of them over the image, or train.level's alone
-        over its own dims."""
-        if self.parts is None:
-            dims, log_p = self.s.num_dims, torch.stack(list(terms.values())).sum(0)
-        else:
-            dims, log_p, log_q = self.s.model.part_dims()[self.parts[0]], terms[self.parts[0]], 0.0
-        return bits_per_dim(log_p, dims, self.s.n_bits, log_q).mean()
-
     def backward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss (mean bits/dim, detached) and terms of a batch; gradients accumulated."""
+        """Loss (mean bits/dim, detached) and terms of a batch; gradients accumulated. The loss is
+        the whole image's bits/dim, or train.level's term alone over its own dimensions."""
         if self.term_threads is None:
-            log_q, terms = dequantized_terms(self.s, x, self.parts)
-            loss = self.bits_per_dim(log_q, terms)
+            loss, terms = self.objective.loss(x, self.parts)
             loss.backward()
             return loss.detach(), terms
-        y, log_q = self.s.dequantizer(x, self.s.n_bits)
+        y, log_q = self.objective.dequantize(x)
         terms = self.term_threads.backward(y)
-        return self.bits_per_dim(log_q, terms), terms
+        return self.objective.bits_per_dim(terms, log_q).mean(), terms
 
     def fail(self, step: int, what: str, terms: dict[str, torch.Tensor]) -> None:
         bad = [n for n, t in terms.items() if not torch.isfinite(t).all()] or list(terms)
@@ -239,7 +229,8 @@ class Trainer:
                 window = 0.0
             if cfg.eval_every and st.step % cfg.eval_every == 0 and not self.done():
                 with self.term_threads.all_cores() if self.term_threads else contextlib.nullcontext():
-                    result = evaluate(s, s.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, parts=self.parts)
+                    result = evaluate(s, s.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1,
+                                      alone=self.parts[0] if self.parts else None)
                 self.rundir.log({"step": st.step, **{f"test_{k}": v for k, v in result.items()}})
                 self.reporter.message(f"step {st.step}: test " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:

@@ -160,3 +160,54 @@ class MaskedCoupling(Transform):
 
     def extra_repr(self) -> str:
         return f"in_shape={self.in_shape}, mask={self.mask_kind}, parity={self.parity}"
+
+
+class CompactHalves:
+    """Splits ``(B, C, H, W)`` into a conditioning and a transformed half, and merges back,
+    with the halves gathered into compact tensors (the mixlogistic coupling's layout).
+
+    The same masks as `MaskedCoupling` (`checkerboard` and the channel halves, same parity),
+    but ``checkerboard`` gathers the conditioning pixels and the others into two
+    ``(B, C, H, W/2)`` tensors, so the net runs on half the pixels (Flow++'s
+    CheckerboardSplit does the same, on column pairs).
+    """
+
+    def __init__(self, in_shape: Shape, mask: str, parity: int) -> None:
+        channels, height, width = in_shape
+        self.mask, self.parity = mask, parity
+        if mask == "checkerboard":
+            if width % 2:
+                raise ShapeError(f"A checkerboard coupling with compact halves needs an even width, got in_shape {in_shape}.")
+            self.cond_shape = self.trans_shape = (channels, height, width // 2)
+            # In row i the pair (2m, 2m + 1) has its conditioning pixel at the even column
+            # exactly when checkerboard() marks column 0 of that row.
+            self.cond_is_even_col = checkerboard(height, width, parity)[..., :1]
+        elif mask == "channel":
+            if channels < 2:
+                raise ShapeError(
+                    f"A channel coupling cannot split {channels} channel(s); use mask = "
+                    '"checkerboard" for single-channel inputs.'
+                )
+            self.first = channels // 2
+            cond = self.first if parity == 0 else channels - self.first
+            self.cond_shape = (cond, height, width)
+            self.trans_shape = (channels - cond, height, width)
+        else:
+            raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard".')
+
+    def split(self, x: Tensor, cond_is_even_col: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.mask == "channel":
+            first, rest = x[:, : self.first], x[:, self.first :]
+            return (first, rest) if self.parity == 0 else (rest, first)
+        b, c, h, w = x.shape
+        pairs = x.reshape(b, c, h, w // 2, 2)
+        even, odd = pairs[..., 0], pairs[..., 1]
+        return torch.where(cond_is_even_col, even, odd), torch.where(cond_is_even_col, odd, even)
+
+    def merge(self, cond: Tensor, trans: Tensor, cond_is_even_col: Tensor | None = None) -> Tensor:
+        if self.mask == "channel":
+            return torch.cat((cond, trans) if self.parity == 0 else (trans, cond), dim=1)
+        even = torch.where(cond_is_even_col, cond, trans)
+        odd = torch.where(cond_is_even_col, trans, cond)
+        b, c, h, half = cond.shape
+        return torch.stack((even, odd), dim=-1).reshape(b, c, h, 2 * half)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from flowkit import FlowkitError, PartRef, ShapeError, Transform, hookimpl, param, part_field
 from flowkit.contracts.transform import logdet_dtype
+from flowkit_plugins.couplings._masks import CompactHalves
 
 Shape = tuple[int, ...]
 MaskKind = Literal["channel", "checkerboard"]
@@ -125,60 +126,6 @@ def invert_logit_mixture_cdf(
     )
 
 
-# --- masks --------------------------------------------------------------------------------
-
-
-class _HalfSplit:
-    """Splits ``(B, C, H, W)`` into a conditioning and a transformed half, and merges back.
-
-    ``checkerboard`` gathers the pixels with ``(i + j) % 2 == parity`` (conditioning) and the
-    others into two ``(B, C, H, W/2)`` tensors, so the net runs on half the pixels (Flow++'s
-    CheckerboardSplit does the same, on column pairs). ``channel`` takes the first ``C // 2``
-    channels and the rest; ``parity = 0`` transforms the second half given the first. These
-    are the conventions of the affine and additive couplings.
-    """
-
-    def __init__(self, in_shape: Shape, mask: str, parity: int) -> None:
-        channels, height, width = in_shape
-        self.mask, self.parity = mask, parity
-        if mask == "checkerboard":
-            if width % 2:
-                raise ShapeError(f"A checkerboard mixlogistic coupling needs an even width, got in_shape {in_shape}.")
-            self.cond_shape = self.trans_shape = (channels, height, width // 2)
-            # Row i: column 2m + r conditions when (i + r) % 2 == parity, i.e. r = (i + parity) % 2.
-            rows = torch.arange(height)
-            self.cond_is_even_col = ((rows + parity) % 2 == 0).view(1, 1, height, 1)
-        elif mask == "channel":
-            if channels < 2:
-                raise ShapeError(
-                    f"A channel mixlogistic coupling cannot split {channels} channel(s); use mask = "
-                    '"checkerboard" for single-channel inputs.'
-                )
-            self.first = channels // 2
-            cond = self.first if parity == 0 else channels - self.first
-            self.cond_shape = (cond, height, width)
-            self.trans_shape = (channels - cond, height, width)
-        else:
-            raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard".')
-
-    def split(self, x: Tensor, cond_is_even_col: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.mask == "channel":
-            first, rest = x[:, : self.first], x[:, self.first :]
-            return (first, rest) if self.parity == 0 else (rest, first)
-        b, c, h, w = x.shape
-        pairs = x.reshape(b, c, h, w // 2, 2)
-        even, odd = pairs[..., 0], pairs[..., 1]
-        return torch.where(cond_is_even_col, even, odd), torch.where(cond_is_even_col, odd, even)
-
-    def merge(self, cond: Tensor, trans: Tensor, cond_is_even_col: Tensor | None = None) -> Tensor:
-        if self.mask == "channel":
-            return torch.cat((cond, trans) if self.parity == 0 else (trans, cond), dim=1)
-        even = torch.where(cond_is_even_col, cond, trans)
-        odd = torch.where(cond_is_even_col, trans, cond)
-        b, c, h, half = cond.shape
-        return torch.stack((even, odd), dim=-1).reshape(b, c, h, 2 * half)
-
-
 class MixLogisticCoupling(Transform):
     r"""Logistic-mixture CDF coupling: ``y_t = σ⁻¹(F(x_t; π, μ, s)) · exp(a) + b``, ``y_c = x_c``.
 
@@ -223,7 +170,7 @@ class MixLogisticCoupling(Transform):
         self.mask_kind, self.parity, self.components = mask, parity, components
         self.tol, self.max_iter = tol, max_iter
         self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
-        self._halves = _HalfSplit(self.in_shape, mask, parity)
+        self._halves = CompactHalves(self.in_shape, mask, parity)
         if mask == "checkerboard":
             self.register_buffer("cond_is_even_col", self._halves.cond_is_even_col, persistent=False)
         else:

@@ -24,7 +24,8 @@ class SqueezeDecomposition(Decomposition):
 
         s[:, 4c + 2i + j, h, w] = x[:, c, 2h + i, 2w + j], \qquad i, j \in \{0, 1\},
 
-    and `unsqueeze` is its inverse; the Glow multiscale model uses this pair.
+    and `unsqueeze` is its inverse; `to_channels`/`from_channels` are this pair, so the
+    multiscale and Flow++ models squeeze in Glow's layout (the one squeeze of flowkit).
 
     As a `Decomposition`, the same permutation is read as a "wavelet" without any filtering,
     with the channel convention of the wavelets, so that it can replace ``haar`` in a
@@ -75,6 +76,13 @@ class SqueezeDecomposition(Decomposition):
         batch, channels4, half_h, half_w = s.shape
         x = s.reshape(batch, channels4 // 4, 2, 2, half_h, half_w).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(batch, channels4 // 4, 2 * half_h, 2 * half_w)
+
+    def to_channels(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Space to depth in Glow's layout (`squeeze`); a permutation, log|det| = 0."""
+        return self.squeeze(x), zeros_logabsdet(x)
+
+    def from_channels(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        return self.unsqueeze(s), zeros_logabsdet(s)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, C, H, W) -> (low (B, C, H/2, W/2), detail (B, 3C, H/2, W/2), zeros (B,))``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from flowkit import (
-    DensityModel,
+    Copies,
+    Derive,
     Dequantizer,
     PartRef,
     Sequential,
@@ -25,21 +26,20 @@ from flowkit.contracts.transform import logdet_dtype
 
 Shape = tuple[int, int, int]
 LOG_2PI = math.log(2 * math.pi)
+#: Flow++'s coupling step: actnorm, 1x1 convolution, a checkerboard logistic-mixture coupling.
+FLOWPP_STEP = {"use": "glow", "coupling": {"use": "mixlogistic", "mask": "checkerboard"}}
 
 
 @dataclass(frozen=True, kw_only=True)
 class VariationalParams:
-    steps: int = param(4, "flow steps of q(u | x), each actnorm, 1x1 conv, coupling (Flow++: 4)")
-    mask: Literal["checkerboard", "channel"] = param(
-        "checkerboard", "mask of the couplings, parity alternating (channel needs >= 2 channels)"
+    steps: int = param(4, "flow steps of q(u | x), copies of step with the coupling's parity alternating (Flow++: 4)")
+    step: PartRef = part_field(
+        "step", FLOWPP_STEP, "each step, conditioned on the context: glow = actnorm, 1x1 conv, coupling (Flow++: "
+        "mixlogistic with a checkerboard mask and a gated_resnet of 96 channels, 2 blocks)"
     )
-    coupling: PartRef = part_field("coupling", "mixlogistic", "coupling of every step, conditioned on the context")
-    net: PartRef = part_field("net", "gated_resnet", "conditioner of every coupling (Flow++: 96 channels, 2 blocks)")
     context_channels: int = param(32, "channels of the context computed from x (Flow++: 32)")
     context_blocks: int = param(3, "gated conv blocks of the context encoder (Flow++: 3)")
     dropout: float = param(0.2, "dropout in the context encoder")
-    actnorm: bool = param(True, "actnorm before each coupling")
-    invconv: Literal["lu", "plain", "none"] = param("lu", "invertible 1x1 conv before each coupling")
     checkpoint: bool = param(False, "recompute each step in the backward pass (gradient checkpointing)")
 
     def __post_init__(self) -> None:
@@ -50,6 +50,10 @@ class VariationalParams:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout = {self.dropout} must be in [0, 1).")
+
+    def copies(self) -> dict[str, Copies]:
+        parity = tuple(i % 2 for i in range(self.steps))
+        return {"step": Copies(self.steps, (Derive("coupling", "parity", parity, "alternates step by step"),))}
 
 
 def _concat_elu(x: Tensor) -> Tensor:
@@ -81,8 +85,8 @@ class ContextEncoder(nn.Module):
 class VariationalDequantizer(Dequantizer):
     r"""``u = sigmoid(f(ε; ctx(x)))``, ``ε ~ N(0, I)``, ``y = (x + u) / 2^n_bits``: q(u | x) is a flow.
 
-    ``ctx(x)`` is a small gated conv net on ``x / 2^n_bits - 0.5``; ``f`` is ``steps`` coupling
-    steps (actnorm, 1x1 conv, coupling with ``net``, all built by reference) conditioned on it.
+    ``ctx(x)`` is a small gated conv net on ``x / 2^n_bits - 0.5``; ``f`` is ``steps`` copies of
+    ``step`` (a Glow step: actnorm, 1x1 conv, coupling, all built by reference) conditioned on it.
 
     .. math::
 
@@ -91,45 +95,29 @@ class VariationalDequantizer(Dequantizer):
 
     is the log-density of ``u`` on the unit cube, sigmoid included, as the dequantized ELBO
     ``log P(x) >= E_q[log p(y) - D log K - log q(u | x)]`` needs. Trained jointly with the
-    model. `iw_log_likelihood` gives Flow++'s importance-weighted estimate with k samples,
-    and `log_prob_noise` the density at a given ``u`` (through the inverse flow).
+    model; `log_prob_noise` gives the density at a given ``u`` (through the inverse flow), and
+    the run engine's objective the importance-weighted estimate (`flowkit.runs.objective`).
 
     References:
         Ho et al., "Flow++", ICML 2019, section 3.1.
     """
 
-    def __init__(
-        self, in_shape: Shape, *, steps: int, mask: str, coupling: PartRef, net: PartRef, context_channels: int,
-        context_blocks: int, dropout: float, actnorm: bool, invconv: str, checkpoint: bool, build: Any,
-    ) -> None:
+    def __init__(self, in_shape: Shape, params: VariationalParams, build: Any) -> None:
         super().__init__()
         if len(in_shape) != 3:
             raise ShapeError(f"VariationalDequantizer expects in_shape = (C, H, W), got {tuple(in_shape)}.")
         self.in_shape = tuple(int(s) for s in in_shape)
-        self.checkpoint = checkpoint
+        self.checkpoint = params.checkpoint
         c, h, w = self.in_shape
-        context_shape = (context_channels, h, w)
-        self.encoder = ContextEncoder(c, context_channels, context_blocks, dropout)
-        steps_list = []
-        for index in range(steps):
-            parts = []
-            if actnorm:
-                parts.append(build(PartRef("transform", "actnorm"), in_shape=self.in_shape, context_shape=context_shape))
-            if invconv != "none":
-                ref = build.with_params(PartRef("transform", "invconv"), who="the variational dequantizer", lu=invconv == "lu")
-                parts.append(build(ref, in_shape=self.in_shape, context_shape=context_shape))
-            ref = build.with_params(coupling, optional=("net",), who="the variational dequantizer", mask=mask, parity=index % 2, net=net)
-            parts.append(build(ref, in_shape=self.in_shape, context_shape=context_shape))
-            steps_list.append(Sequential(parts, context_shape=context_shape))
-        self.flow = Sequential(steps_list, context_shape=context_shape)
+        context_shape = (params.context_channels, h, w)
+        self.encoder = ContextEncoder(c, params.context_channels, params.context_blocks, params.dropout)
+        steps = [build(ref, in_shape=self.in_shape, context_shape=context_shape) for ref in build.copies(params, "step")]
+        self.flow = Sequential(steps, context_shape=context_shape)
 
     @classmethod
     def from_params(cls, params: VariationalParams, *, in_shape: Shape, build: Any) -> VariationalDequantizer:
         """Variational dequantization (Flow++): a conditional flow q(u | x), squashed to [0, 1)."""
-        return cls(in_shape, steps=params.steps, mask=params.mask, coupling=params.coupling, net=params.net,
-                   context_channels=params.context_channels, context_blocks=params.context_blocks,
-                   dropout=params.dropout, actnorm=params.actnorm, invconv=params.invconv,
-                   checkpoint=params.checkpoint, build=build)
+        return cls(in_shape, params, build)
 
     def _dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
@@ -179,29 +167,6 @@ class VariationalDequantizer(Dequantizer):
         """Data-dependent initialisation (actnorm) of the flow, on noise drawn for the batch ``x``."""
         x, context = self._context(x, n_bits)
         self.flow.initialize(torch.randn_like(x), context)
-
-    def iw_log_likelihood(self, model: DensityModel, x: Tensor, n_bits: int, k: int) -> Tensor:
-        """Importance-weighted log P(x) in nats (B,) with k samples: see `iw_log_likelihood`."""
-        return iw_log_likelihood(self, model, x, n_bits, k)
-
-
-@torch.no_grad()
-def iw_log_likelihood(dequantizer: Dequantizer, model: DensityModel, x: Tensor, n_bits: int, k: int) -> Tensor:
-    r"""``log P(x) ≈ logsumexp_k [log p(y_k) - D log K - log q(u_k | x)] - log k``, in nats, shape (B,).
-
-    The k-sample importance-weighted bound of Flow++'s reported figures; k = 1 is the ELBO and
-    it tightens as k grows (Burda et al. 2016). Works with any dequantizer (uniform gives
-    log q = 0). Bits/dim: ``-result / (D log 2)``. Samples are drawn one batch at a time.
-    """
-    if k < 1:
-        raise ValueError(f"k = {k} importance samples must be >= 1.")
-    dims = x[0].numel()
-    offset = dims * n_bits * math.log(2.0)
-    terms = []
-    for _ in range(k):
-        y, log_q = dequantizer(x, n_bits)
-        terms.append(model.log_prob(y).double() - torch.as_tensor(log_q).double() - offset)
-    return torch.logsumexp(torch.stack(terms), dim=0) - math.log(k)
 
 
 @hookimpl

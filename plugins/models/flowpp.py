@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from flowkit import (
+    Copies,
+    DecompositionLayer,
+    Derive,
     DensityModel,
     PartRef,
     Sequential,
@@ -24,7 +27,6 @@ from flowkit import (
 from flowkit.contracts.transform import logdet_dtype, zeros_logabsdet
 
 Shape = tuple[int, int, int]
-InvConvKind = Literal["lu", "plain", "none"]
 
 #: Flow++ on CIFAR-10 (the official run_cifar.py): 4 checkerboard couplings, a squeeze,
 #: 2 channel couplings, 3 checkerboard couplings; one Gaussian prior on the result.
@@ -37,13 +39,12 @@ class FlowPPParams:
     layout: tuple[str, ...] = param(
         CIFAR_LAYOUT, 'the steps in order: "checkerboard" or "channel" (a coupling step) or "squeeze"'
     )
-    coupling: PartRef = part_field(
-        "coupling", "mixlogistic", "coupling of every step (needs mask and parity params); affine for the ablation"
+    step: PartRef = part_field(
+        "step", {"use": "glow", "coupling": {"use": "mixlogistic"}}, "each coupling step: glow = actnorm, 1x1 conv, coupling (mixlogistic, or affine for the "
+        "ablation); its coupling's mask and parity come from the layout"
     )
-    net: PartRef = part_field("net", "gated_resnet", "conditioner of every coupling (replaces the coupling's own)")
+    squeeze: PartRef = part_field("decomposition", "squeeze", "space-to-depth at each squeeze of the layout")
     prior: PartRef = part_field("prior", "gaussian", "base distribution of the final latent")
-    actnorm: bool = param(True, "actnorm before each coupling")
-    invconv: InvConvKind = param("lu", "invertible 1x1 conv before each coupling: LU, plain matrix, or none")
     logit_alpha: float = param(0.05, "logit preprocessing: z = logit(alpha + (1 - 2 alpha) y), Flow++ uses 0.05")
     checkpoint: bool = param(False, "recompute each step in the backward pass (gradient checkpointing)")
 
@@ -56,6 +57,24 @@ class FlowPPParams:
             )
         if not 0.0 <= self.logit_alpha < 0.5:
             raise ValueError(f"logit_alpha = {self.logit_alpha} must be in [0, 0.5).")
+
+    def copies(self) -> dict[str, Copies]:
+        """One copy of ``step`` per coupling entry of the layout: its coupling's mask is the
+        entry, and its parity alternates within a run of one mask (Flow++'s TupleFlip)."""
+        masks, parities = [], []
+        previous, parity = None, 0
+        for item in self.layout:
+            if item == "squeeze":
+                previous = None
+                continue
+            parity = 1 - parity if item == previous else 0
+            previous = item
+            masks.append(item)
+            parities.append(parity)
+        return {"step": Copies(len(masks), (
+            Derive("coupling", "mask", tuple(masks), "model.layout"),
+            Derive("coupling", "parity", tuple(parities), "alternates within a run of one mask"),
+        ))}
 
 
 class LogitPreprocess(Transform):
@@ -83,38 +102,12 @@ class LogitPreprocess(Transform):
         return x.to(z.dtype), log_deriv.flatten(1).sum(1)
 
 
-class Squeeze(Transform):
-    """``(B, C, H, W) -> (B, 4C, H/2, W/2)``, space to depth (channel ``4c + 2i + j``); log-det 0."""
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return F.pixel_unshuffle(x, 2), zeros_logabsdet(x)
-
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return F.pixel_shuffle(z, 2), zeros_logabsdet(z)
-
-
-def build_step(
-    build: Any, shape: tuple[int, ...], *, mask: str, parity: int, coupling: PartRef, net: PartRef, actnorm: bool,
-    invconv: InvConvKind, context_shape: tuple[int, ...] | None = None,
-) -> Sequential:
-    """actnorm -> invertible 1x1 conv -> coupling, each built by reference."""
-    parts = []
-    if actnorm:
-        parts.append(build(PartRef("transform", "actnorm"), in_shape=shape, context_shape=context_shape))
-    if invconv != "none":
-        ref = build.with_params(PartRef("transform", "invconv"), who="Flow++", lu=invconv == "lu")
-        parts.append(build(ref, in_shape=shape, context_shape=context_shape))
-    ref = build.with_params(coupling, optional=("net",), who="Flow++", mask=mask, parity=parity, net=net)
-    parts.append(build(ref, in_shape=shape, context_shape=context_shape))
-    return Sequential(parts, context_shape=context_shape)
-
-
 class FlowPP(DensityModel):
     r"""Flow++: logit preprocessing, then coupling steps and squeezes, then a Gaussian prior.
 
-    Each coupling step is actnorm, an invertible 1x1 convolution and a coupling (``coupling``
-    with ``net`` as its conditioner, ``mask`` from ``layout``); consecutive steps of one mask
-    alternate the parity, as Flow++'s TupleFlip does. ``log p(y) = log N(z) + Σ log|det|``
+    Each coupling step is a copy of ``step`` (default: a Glow step, actnorm -> invertible 1x1
+    convolution -> coupling) whose coupling's ``mask`` is its layout entry; consecutive steps
+    of one mask alternate the parity, as Flow++'s TupleFlip does (`FlowPPParams.copies`). ``log p(y) = log N(z) + Σ log|det|``
     where the first term of the sum is the logit preprocessing. There is no factoring-out of
     latents: the prior covers the whole squeezed latent, as in the paper's CIFAR-10 model.
 
@@ -129,38 +122,31 @@ class FlowPP(DensityModel):
         Ho et al., "Flow++", ICML 2019; github.com/aravindsrinivas/flowpp, flows/run_cifar.py.
     """
 
-    def __init__(
-        self, in_shape: Shape, *, layout: tuple[str, ...], coupling: PartRef, net: PartRef, prior: PartRef,
-        actnorm: bool, invconv: InvConvKind, logit_alpha: float, checkpoint: bool, build: Any,
-    ) -> None:
+    def __init__(self, in_shape: Shape, params: FlowPPParams, build: Any) -> None:
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
-        self.checkpoint = checkpoint
-        transforms: list[Transform] = [LogitPreprocess(logit_alpha)]
+        self.checkpoint = params.checkpoint
+        transforms: list[Transform] = [LogitPreprocess(params.logit_alpha)]
         shape = self.in_shape
-        previous, parity = None, 0
-        for index, item in enumerate(layout):
+        steps = iter(build.copies(params, "step"))
+        for index, item in enumerate(params.layout):
             c, h, w = shape
             if item == "squeeze":
                 if h % 2 or w % 2:
                     raise ShapeError(f"layout[{index}] squeezes a ({c}, {h}, {w}) image; height and width must be even.")
-                transforms.append(Squeeze())
-                shape, previous = (4 * c, h // 2, w // 2), None
+                layer = DecompositionLayer(build(params.squeeze), shape)
+                transforms.append(layer)
+                shape = layer.out_shape
                 continue
-            parity = 1 - parity if item == previous else 0
-            previous = item
-            transforms.append(build_step(build, shape, mask=item, parity=parity, coupling=coupling, net=net,
-                                         actnorm=actnorm, invconv=invconv))
+            transforms.append(build(next(steps), in_shape=shape, context_shape=None))
         self.latent_shape = shape
         self.flow = Sequential(transforms)
-        self.prior = build(prior, in_shape=shape, context_shape=None)
+        self.prior = build(params.prior, in_shape=shape, context_shape=None)
 
     @classmethod
     def from_params(cls, params: FlowPPParams, *, in_shape: Shape, build: Any) -> FlowPP:
         """Flow++: logistic-mixture couplings with attention nets, checkerboard and channel masks."""
-        return cls(in_shape, layout=params.layout, coupling=params.coupling, net=params.net, prior=params.prior,
-                   actnorm=params.actnorm, invconv=params.invconv, logit_alpha=params.logit_alpha,
-                   checkpoint=params.checkpoint, build=build)
+        return cls(in_shape, params, build)
 
     def _check(self, y: Tensor) -> None:
         if y.dim() != 4 or tuple(y.shape[1:]) != self.in_shape:
@@ -180,7 +166,7 @@ class FlowPP(DensityModel):
             total = total + logabsdet
         return z, total
 
-    def log_prob_parts(self, y: Tensor, parts: list[str] | None = None) -> dict[str, Tensor]:
+    def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
         z, logabsdet = self.encode(y)
         return {"total": self.prior.log_prob(z) + logabsdet}
 
@@ -191,8 +177,7 @@ class FlowPP(DensityModel):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         z = self.prior.sample(n, temperature=temperature)
-        y, _ = self.flow.inverse(z)
-        return y.clamp(0.0, 1.0 - torch.finfo(y.dtype).eps)
+        return self.flow.inverse(z)[0]
 
     @torch.no_grad()
     def initialize(self, y: Tensor) -> None:

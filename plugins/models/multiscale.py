@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from flowkit import DensityModel, PartRef, ShapeError, Transform, hookimpl, param, part_field
+from flowkit import DecompositionLayer, DensityModel, PartRef, ShapeError, Transform, hookimpl, param, part_field
 from flowkit.contracts.transform import Sequential, zeros_logabsdet
 
 if TYPE_CHECKING:
-    from flowkit.contracts.decomposition import Decomposition
     from flowkit.contracts.prior import Prior
     from flowkit.registry import RegisterFn
 
@@ -53,34 +52,6 @@ class MultiscaleParams:
             raise ValueError(f"bottom_depth = {self.bottom_depth} must be >= 0.")
 
 
-class _Squeeze(nn.Module):
-    """A decomposition read as space-to-depth: ``(B, C, H, W) <-> (B, 4C, H/2, W/2)``.
-
-    Uses the decomposition's own ``squeeze``/``unsqueeze`` when it has them (Glow's channel
-    layout); otherwise ``cat([low, detail])`` from ``split``/``merge``, with their log-det.
-    """
-
-    def __init__(self, decomposition: Decomposition, in_shape: Shape) -> None:
-        super().__init__()
-        self.decomposition = decomposition
-        low, detail = decomposition.output_shape(in_shape)
-        self.low_channels = int(low[0])
-        self.out_shape: Shape = (int(low[0]) + int(detail[0]), int(low[1]), int(low[2]))
-        self.direct = hasattr(decomposition, "squeeze") and hasattr(decomposition, "unsqueeze")
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.direct:
-            return self.decomposition.squeeze(x), zeros_logabsdet(x)
-        low, detail, logabsdet = self.decomposition.split(x)
-        return torch.cat([low, detail], dim=1), logabsdet
-
-    def inverse(self, s: Tensor) -> tuple[Tensor, Tensor]:
-        if self.direct:
-            return self.decomposition.unsqueeze(s), zeros_logabsdet(s)
-        x, logabsdet = self.decomposition.merge(s[:, : self.low_channels], s[:, self.low_channels :])
-        return x, logabsdet
-
-
 class _Stage(nn.Module):
     """K steps, then (optionally) a split: the last ``out`` channels are factored out."""
 
@@ -90,10 +61,9 @@ class _Stage(nn.Module):
         self.prior = prior
         self.keep = keep
 
-    def split_log_prob(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        kept, out = h[:, : self.keep], h[:, self.keep :]
+    def out_log_prob(self, out: Tensor, kept: Tensor) -> Tensor:
         context = kept if self.prior.context_shape is not None else None
-        return kept, self.prior.log_prob(out, context)
+        return self.prior.log_prob(out, context)
 
     def sample_out(self, kept: Tensor, temperature: float) -> Tensor:
         context = kept if self.prior.context_shape is not None else None
@@ -103,7 +73,7 @@ class _Stage(nn.Module):
 
 
 class _Level(nn.Module):
-    def __init__(self, squeeze: _Squeeze, stages: list[_Stage], name: str, dims: int) -> None:
+    def __init__(self, squeeze: DecompositionLayer, stages: list[_Stage], name: str, dims: int) -> None:
         super().__init__()
         self.squeeze = squeeze
         self.stages = nn.ModuleList(stages)
@@ -159,8 +129,6 @@ class Multiscale(DensityModel):
                 f"width must be divisible by {factor}; got {height}x{width} (28x28 MNIST allows levels <= 2)."
             )
         self.params = params
-        #: Images of the last `sample` call whose inverse overflowed (saturated, see `sample`).
-        self.overflowed = 0
         shape: Shape = self.in_shape
 
         def steps(ref: PartRef, count: int, at: Shape) -> Sequential:
@@ -170,7 +138,7 @@ class Multiscale(DensityModel):
         self.bottom = steps(params.bottom_step, params.bottom_depth, shape) if params.bottom_depth else None
         levels: list[_Level] = []
         for index in range(1, params.levels + 1):
-            squeeze = _Squeeze(build(params.squeeze), shape)
+            squeeze = DecompositionLayer(build(params.squeeze), shape)
             shape = squeeze.out_shape
             top = index == params.levels
             stages: list[_Stage] = []
@@ -215,49 +183,46 @@ class Multiscale(DensityModel):
     def part_dims(self) -> dict[str, int]:
         return {level.name: level.dims for level in self.levels}
 
-    def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
+    def _walk(self, y: Tensor) -> tuple[list[tuple[_Level, Tensor, list[tuple[_Stage, Tensor, Tensor]]]], Tensor]:
+        """The data-to-latent pass: per level, its log|det| (bottom steps count in the first
+        level) and ``(stage, kept, factored out)`` of each split; and the top latent."""
         self._check(y)
         h = y - CENTRE
-        total = zeros_logabsdet(h)
+        logabsdet = zeros_logabsdet(h)
         if self.bottom is not None:
             h, logabsdet = self.bottom(h)
-            total = total + logabsdet
-        parts: dict[str, Tensor] = {}
+        walked = []
         for level in self.levels:
-            h, logabsdet = level.squeeze(h)
-            total = total + logabsdet
+            h, squeeze_logabsdet = level.squeeze(h)
+            logabsdet = logabsdet + squeeze_logabsdet
+            splits = []
             for stage in level.stages:
-                h, logabsdet = stage.steps(h)
-                total = total + logabsdet
+                h, step_logabsdet = stage.steps(h)
+                logabsdet = logabsdet + step_logabsdet
                 if stage.prior is not None:
-                    h, log_prob = stage.split_log_prob(h)
-                    total = total + log_prob
-            if level.name == "top":
-                total = total + self.top_prior.log_prob(h)
+                    kept, out = h[:, : stage.keep], h[:, stage.keep :]
+                    splits.append((stage, kept, out))
+                    h = kept
+            walked.append((level, logabsdet, splits))
+            logabsdet = zeros_logabsdet(h)
+        return walked, h
+
+    def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
+        walked, top = self._walk(y)
+        parts: dict[str, Tensor] = {}
+        for level, logabsdet, splits in walked:
+            total = logabsdet
+            for stage, kept, out in splits:
+                total = total + stage.out_log_prob(out, kept)
             parts[level.name] = total
-            total = zeros_logabsdet(h)
+        parts["top"] = parts["top"] + self.top_prior.log_prob(top)
         return parts
 
     def encode(self, y: Tensor) -> tuple[list[Tensor], Tensor]:
         """The latents ``[z_1 (first factored out), ..., z_top]`` and log|det| of the whole map."""
-        self._check(y)
-        h = y - CENTRE
-        total = zeros_logabsdet(h)
-        if self.bottom is not None:
-            h, logabsdet = self.bottom(h)
-            total = total + logabsdet
-        latents = []
-        for level in self.levels:
-            h, logabsdet = level.squeeze(h)
-            total = total + logabsdet
-            for stage in level.stages:
-                h, logabsdet = stage.steps(h)
-                total = total + logabsdet
-                if stage.prior is not None:
-                    latents.append(h[:, stage.keep :])
-                    h = h[:, : stage.keep]
-        latents.append(h)
-        return latents, total
+        walked, top = self._walk(y)
+        latents = [out for _, _, splits in walked for _, _, out in splits] + [top]
+        return latents, torch.stack([logabsdet for _, logabsdet, _ in walked]).sum(0)
 
     def decode(self, latents: list[Tensor]) -> Tensor:
         """The inverse of `encode` (without the clamp of `sample`): latents to ``y``."""
@@ -275,13 +240,11 @@ class Multiscale(DensityModel):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        """``n`` images in ``[0, 1)``, drawn at ``temperature`` (0: every prior at its mean).
+        """``n`` images, drawn at ``temperature`` (0: every prior at its mean), unclamped.
 
-        Values outside ``[0, 1)`` are clamped. A latent far in the tails can make the exact
-        inverse overflow (autoregressive inverses such as MaCow's amplify along rows, most
-        of all in an under-trained model at temperature 1); such values are saturated like
-        any other out-of-range value (``+inf`` and NaN ``-> 1``, so a diverged image shows white;
-        ``-inf -> 0``) instead of making the batch non-finite; `overflowed` counts the images affected.
+        A latent far in the tails can make the exact inverse overflow (autoregressive inverses
+        such as MaCow's amplify along rows, most of all in an under-trained model at
+        temperature 1); the run engine saturates and counts such images for every model.
         """
         if temperature == 0:
             h = self.top_prior.mean(n)
@@ -295,13 +258,7 @@ class Multiscale(DensityModel):
             h, _ = level.squeeze.inverse(h)
         if self.bottom is not None:
             h, _ = self.bottom.inverse(h)
-        y = h + CENTRE
-        finite = torch.isfinite(y)
-        self.overflowed = int((~finite).flatten(1).any(1).sum())
-        # +inf -> 1, -inf -> 0; NaN -> 1, so that a diverged image shows up white, not as background.
-        y = torch.where(finite, y, ((y > 0) | torch.isnan(y)).to(y.dtype))
-        below_one = torch.nextafter(torch.ones((), dtype=y.dtype), torch.zeros((), dtype=y.dtype)).to(y.device)
-        return torch.minimum(y.clamp(min=0.0), below_one)
+        return h + CENTRE
 
     @torch.no_grad()
     def initialize(self, y: Tensor) -> None:

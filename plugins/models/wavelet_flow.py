@@ -22,13 +22,16 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from flowkit import DensityModel, PartRef, ShapeError, hookimpl, param, part_field
-from flowkit.models.stack import build_stack
+from flowkit import (
+    Copies, Derive, DensityModel, IndependentTerms, PartRef, ShapeError, SuperResolution, hookimpl, param, part_field,
+)
+from flowkit.contracts.transform import Sequential
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +39,8 @@ class WaveletFlowParams:
     decomposition: PartRef = part_field("decomposition", "haar", "orthonormal DWT (haar, db2..db8)")
     levels: int = param(2, "DWT levels L; the base resolution is the image side / 2^L")
     depth: tuple[int, ...] = param((8,), "steps per flow, base first then levels 1..L (one value: all)")
-    hidden: tuple[int, ...] = param((64,), "coupling-net width per flow, base first (one value: all)")
+    hidden: tuple[int, ...] = param(
+        (64,), "coupling-net width per flow, base first (one value: all; empty: each net's own hidden)")
     step: PartRef = part_field("step", "glow", "flow step of the conditional level flows")
     base_step: PartRef = part_field("step", "glow", "flow step of the unconditional base flow")
     prior: PartRef = part_field("prior", "conditional_gaussian", "prior of each level's latent, given the context")
@@ -57,6 +61,23 @@ class WaveletFlowParams:
                 raise ValueError(f"{key} = {list(value)}: every entry must be >= 1.")
         if self.cond_channels < 1 or self.cond_depth < 0:
             raise ValueError("cond_channels must be >= 1 and cond_depth >= 0.")
+
+    def copies(self) -> dict[str, Copies]:
+        """The base flow's steps and the level flows' steps (level 1 first), each a copy of its
+        template with the coupling's parity alternating step by step and, when ``hidden`` is
+        given, the net's width of its level."""
+        depth = per_level(self.depth, self.levels + 1, 8)
+        hidden = per_level(self.hidden, self.levels + 1, 0)
+        stacks = {"base_step": [0], "step": list(range(1, self.levels + 1))}
+        out = {}
+        for name, levels in stacks.items():
+            parity = tuple(i % 2 for j in levels for i in range(depth[j]))
+            rules = [Derive("coupling", "parity", parity, "alternates step by step")]
+            if self.hidden:
+                widths = tuple(hidden[j] for j in levels for _ in range(depth[j]))
+                rules.append(Derive("net", "hidden", widths, "model.hidden, per level"))
+            out[name] = Copies(len(parity), tuple(rules))
+        return out
 
 
 def per_level(values: tuple[int, ...], n: int, default: int = 1) -> list[int]:
@@ -108,10 +129,14 @@ class LevelFlow(nn.Module):
         return self.flow.inverse(z, ctx)[0]
 
 
-class WaveletFlow(DensityModel):
-    """See the module docstring. Terms: ``base`` = log p(I_0), ``level{j}`` = log p(D_{j-1} | I_{j-1})."""
+class WaveletFlow(DensityModel, IndependentTerms, SuperResolution):
+    """See the module docstring. Terms: ``base`` = log p(I_0), ``level{j}`` = log p(D_{j-1} | I_{j-1}).
 
-    independent_terms = True  # each level's flow sees only y: the trainer may run levels concurrently
+    Each term is a density of its own over its level's dimensions and has its own parameter
+    group (`IndependentTerms`): levels train alone (``train.level``) or side by side
+    (``train.level_threads``). Super-resolution samples D_j | I_j coarse to fine
+    (`SuperResolution`; the ``flowkit superres`` command of this plugin).
+    """
 
     def __init__(self, params: WaveletFlowParams, in_shape: tuple[int, int, int], build) -> None:  # noqa: ANN001
         super().__init__()
@@ -128,16 +153,16 @@ class WaveletFlow(DensityModel):
         self.decomposition = build(params.decomposition)
         self.crops = per_level(params.crops, L + 1)
         depth = per_level(params.depth, L + 1, 8)
-        hidden = per_level(params.hidden, L + 1, 64)
-        defaults = build.default_params
-        from flowkit.params import override_nested
+        base_steps, level_steps = build.copies(params, "base_step"), build.copies(params, "step")
+
+        def stack(refs: list[PartRef], shape: tuple[int, ...], ctx_shape: tuple[int, ...] | None) -> Sequential:
+            return Sequential([build(ref, in_shape=shape, context_shape=ctx_shape) for ref in refs], ctx_shape)
 
         self.sizes = [(h // 2 ** (L - j), w // 2 ** (L - j)) for j in range(L + 1)]  # I_j sizes
         flows = {}
         base_shape = (c, *self.sizes[0])
-        base_step = override_nested(params.base_step, "net", "hidden", hidden[0], defaults)
         flows["base"] = LevelFlow(
-            build_stack(build, base_step, depth[0], base_shape, None),
+            stack(base_steps, base_shape, None),
             build(params.base_prior, in_shape=base_shape, context_shape=None), None,
         )
         for j in range(1, L + 1):
@@ -145,9 +170,9 @@ class WaveletFlow(DensityModel):
             conditioner = Conditioner(c, params.cond_channels, params.cond_depth)
             ctx_shape = (conditioner.out_channels, hh, ww)
             shape = (3 * c, hh, ww)
-            step = override_nested(params.step, "net", "hidden", hidden[j], defaults)
+            first = sum(depth[1:j])
             flows[f"level{j}"] = LevelFlow(
-                build_stack(build, step, depth[j], shape, ctx_shape),
+                stack(level_steps[first : first + depth[j]], shape, ctx_shape),
                 build(params.prior, in_shape=shape, context_shape=ctx_shape), conditioner,
             )
         self.flows = nn.ModuleDict(flows)
@@ -212,11 +237,17 @@ class WaveletFlow(DensityModel):
         low = None if low is None else low[..., top : top + ch, left : left + cw]
         return v, low, (h * w) / (ch * cw)
 
-    def log_prob_parts(self, y: Tensor, parts: list[str] | None = None) -> dict[str, Tensor]:
+    def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
+        return self.log_prob_terms(y, list(self.flows))
+
+    def log_prob_terms(self, y: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+        unknown = [name for name in names if name not in self.flows]
+        if unknown:
+            raise ShapeError(f"wavelet_flow has no term {unknown[0]!r}; its terms are {', '.join(self.flows)}.")
         lows, details = self.pyramid(y)
         terms = {}
         for index, (name, flow) in enumerate(self.flows.items()):
-            if parts is not None and name not in parts:
+            if name not in names:
                 continue
             v, low, log_gain = self._inputs(name, lows, details)
             # Patch-wise training (the paper's top levels): an unbiased estimate of the full term.
@@ -239,13 +270,14 @@ class WaveletFlow(DensityModel):
 
     @torch.no_grad()
     def superres(self, low: Tensor, from_level: int, temperature: float = 1.0) -> Tensor:
-        """Samples D_j | I_j coarse to fine from the low-pass image I_{from_level}; returns y in [0, 1)."""
+        """Samples D_j | I_j coarse to fine from the low-pass image I_{from_level}; returns y
+        (unclamped: the run engine saturates values outside [0, 1))."""
         if not 0 <= from_level <= self.levels:
             raise ShapeError(f"--from-level {from_level} is out of range; this model has levels 0..{self.levels}.")
         for j in range(from_level + 1, self.levels + 1):
             detail = self.flows[f"level{j}"].sample(len(low), low / self.gain(j - 1), temperature) * self.gain(j)
             low, _ = self.decomposition.merge(low, detail)
-        return (low + 0.5).clamp(0.0, 1.0 - 1e-6)
+        return low + 0.5
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,10 +66,7 @@ class GlowStep(Sequential):
         if params.actnorm:
             parts.append(build(PartRef("transform", "actnorm"), **shapes))
         if params.invconv in ("lu", "plain"):
-            invconv_params = dataclasses.replace(
-                build.default_params("transform", "invconv"), lu=params.invconv == "lu"
-            )
-            parts.append(build(PartRef("transform", "invconv", invconv_params), **shapes))
+            parts.append(build(build.ref("transform", "invconv", lu=params.invconv == "lu"), **shapes))
         elif params.invconv == "reverse":
             parts.append(ChannelReverse(context_shape))
         parts.append(build(params.coupling, **shapes))

@@ -93,7 +93,8 @@ def test_parts_json_of_one_part(cli: click.Group) -> None:
 def test_example_table_parses_as_toml_with_the_defaults(cli: click.Group) -> None:
     data = json.loads(_ok(cli, "parts", "coupling", "example_shift", "--json"))
     table = tomllib.loads(data["example"])["model"]["step"]["coupling"]
-    assert table == {"use": "example_shift", "scale": False, "max_log_scale": 1.0, "net": {"use": "glow_cnn"}}
+    assert table == {"use": "example_shift", "mask": "channel", "parity": 0, "scale": False, "max_log_scale": 1.0,
+                     "net": {"use": "glow_cnn"}}
 
 
 def test_example_table_comments_out_required_fields(cli: click.Group) -> None:

@@ -130,8 +130,8 @@ from flowkit_plugins.models.wavelet_flow import WaveletFlow, WaveletFlowParams
 
 class Exploding(WaveletFlow):
     calls = 0
-    def log_prob_parts(self, y, parts=None):
-        terms = super().log_prob_parts(y, parts)
+    def log_prob_terms(self, y, names):
+        terms = super().log_prob_terms(y, names)
         if self.training and "level2" in terms:
             Exploding.calls += 1
             if Exploding.calls == EXPLODE_AT_CALL:

@@ -11,6 +11,7 @@ import textwrap
 import tomllib
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from click.testing import CliRunner
 
 import flowkit
 import flowkit.cli
-from flowkit import PluginError, hookimpl
+from flowkit import NoParams, PluginError, hookimpl, param
 from flowkit.cli.console import console
 from flowkit.hookspecs import KIND_HOOKS
 from flowkit.plugins import LOCAL, Plugins, make_plugins
@@ -145,7 +146,16 @@ def test_empty_allow_list_loads_no_entry_point(monkeypatch: pytest.MonkeyPatch) 
 # --- temporary plugins through the CLI ----------------------------------------------------------
 
 PLUGIN_MODULE = '''
-from flowkit import NoParams, hookimpl
+from dataclasses import dataclass
+
+from flowkit import PartRef, hookimpl, param, part_field
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThrowawayParams:
+    mask: str = param("channel", "which entries condition")
+    parity: int = param(0, "which half is transformed")
+    net: PartRef = part_field("net", "glow_cnn", "conditioner")
 
 
 def _factory(params, **kwargs):
@@ -154,8 +164,17 @@ def _factory(params, **kwargs):
 
 @hookimpl
 def flowkit_register_couplings(register):
-    register("throwaway", _factory, params=NoParams)
+    register("throwaway", _factory, params=ThrowawayParams)
 '''
+
+
+@dataclass(frozen=True, kw_only=True)
+class _CouplingParams:
+    """What every coupling declares (the coupling contract)."""
+
+    mask: str = param("channel", "which entries condition")
+    parity: int = param(0, "which half is transformed")
+    net: str = param("", "a stand-in for the conditioner")
 
 
 @pytest.fixture
@@ -189,7 +208,8 @@ def test_p_module_that_cannot_be_imported_exits_2(cli: click.Group) -> None:
 class _Throwaway:
     @hookimpl
     def flowkit_register_couplings(self, register: RegisterFn) -> None:
-        register("throwaway_obj", lambda params, **kw: None, summary="a throwaway object plugin")
+        register("throwaway_obj", lambda params, **kw: None, params=_CouplingParams,
+                 summary="a throwaway object plugin")
 
 
 def test_extra_plugin_object_is_visible_through_the_cli(cli: click.Group, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +234,8 @@ def _registered(kind: str) -> Part:
         return f"built {kind}"
 
     def impl(register: RegisterFn) -> None:
-        register("throwaway", factory, summary=f"a throwaway {kind}")
+        params = _CouplingParams if kind == "coupling" else NoParams
+        register("throwaway", factory, params=params, summary=f"a throwaway {kind}")
 
     module = types.ModuleType(f"throwaway_{kind}")
     setattr(module, hook_name, hookimpl(impl))

@@ -15,11 +15,20 @@ def _factory(params: object, **kwargs: object) -> None:
     """A factory that builds nothing."""
 
 
-def _registry(*names: str) -> Registry:
-    registry = Registry("coupling")
+@dataclass(frozen=True, kw_only=True)
+class _CouplingParams:
+    """What every coupling declares (the coupling contract): mask, parity and net."""
+
+    mask: str = param("channel", "which entries condition")
+    parity: int = param(0, "which half is transformed")
+    net: str = param("", "a stand-in for the conditioner")
+
+
+def _registry(*names: str, kind: str = "coupling") -> Registry:
+    registry = Registry(kind)
     register = make_register(registry, "tests", "flowkit-tests", "1.0")
     for name in names:
-        register(name, _factory)
+        register(name, _factory, params=_CouplingParams if kind == "coupling" else NoParams)
     return registry
 
 
@@ -31,7 +40,7 @@ class _CouplingPlugin:
 
     @hookimpl
     def flowkit_register_couplings(self, register: RegisterFn) -> None:
-        register(self.name, _factory, summary="a throwaway coupling")
+        register(self.name, _factory, params=_CouplingParams, summary="a throwaway coupling")
 
 
 class _HaarPlugin:
@@ -42,9 +51,9 @@ class _HaarPlugin:
 
 def test_duplicate_name_names_both_plugins_and_packages() -> None:
     registry = Registry("coupling")
-    make_register(registry, "first", "pkg-one", "1.0")("spline", _factory)
+    make_register(registry, "first", "pkg-one", "1.0")("spline", _factory, params=_CouplingParams)
     with pytest.raises(PluginError) as exc:
-        make_register(registry, "second", "pkg-two", "2.0")("spline", _factory)
+        make_register(registry, "second", "pkg-two", "2.0")("spline", _factory, params=_CouplingParams)
     message = str(exc.value)
     for text in ('coupling "spline" is registered twice', '"first"', "pkg-one 1.0", '"second"', "pkg-two 2.0"):
         assert text in message
@@ -80,7 +89,7 @@ def test_params_must_be_a_dataclass_type() -> None:
     class NotADataclass:
         width: int = 3
 
-    registry = Registry("coupling")
+    registry = Registry("step")
     register = make_register(registry, "tests", LOCAL, "")
     with pytest.raises(PluginError, match="not a dataclass type"):
         register("odd", _factory, params=NotADataclass)
@@ -96,10 +105,24 @@ def test_params_must_be_a_dataclass_type() -> None:
 
 
 def test_params_default_to_no_params_and_summary_to_factory_docstring() -> None:
-    part = _registry("plain").get("plain")
+    registry = Registry("step")
+    make_register(registry, "tests", "flowkit-tests", "1.0")("plain", _factory)
+    part = registry.get("plain")
     assert part.params is NoParams
     assert part.summary == "A factory that builds nothing."
-    assert (part.kind, part.plugin, part.distribution, part.version) == ("coupling", "tests", "flowkit-tests", "1.0")
+    assert (part.kind, part.plugin, part.distribution, part.version) == ("step", "tests", "flowkit-tests", "1.0")
+
+
+def test_a_coupling_without_the_assembly_params_is_refused_when_registered() -> None:
+    @dataclass(frozen=True, kw_only=True)
+    class NoParity:
+        mask: str = param("channel", "which entries condition")
+        net: str = param("", "conditioner")
+
+    register = make_register(Registry("coupling"), "thirdparty", "pkg", "1.0")
+    with pytest.raises(PluginError, match=r'"thirdparty" registers coupling "spline" whose params NoParity lack '
+                                          r"parity\. Every coupling must declare mask, parity, net"):
+        register("spline", _factory, params=NoParity)
 
 
 def test_unknown_name_suggests_the_closest_and_lists_all() -> None:

@@ -46,7 +46,7 @@ def _factory(params: object, **kwargs: object) -> None:
 
 class _Toys:
     @hookimpl
-    def flowkit_register_couplings(self, register: RegisterFn) -> None:
+    def flowkit_register_steps(self, register: RegisterFn) -> None:
         register("toy", _factory, params=ToyParams)
         register("needs", _factory, params=NeedsParams)
 
@@ -61,41 +61,41 @@ def registries() -> Registries:
     return make_plugins(entry_points=False, extra=[_Toys()]).registries
 
 
-def _problems(registries: Registries, table: object, kind: str = "coupling") -> list[str]:
+def _problems(registries: Registries, table: object, kind: str = "step") -> list[str]:
     with pytest.raises(RecipeError) as exc:
         validate_part(registries, kind, table, PATH)
     return exc.value.problems
 
 
 def test_defaults_fill_every_field(registries: Registries) -> None:
-    ref = validate_part(registries, "coupling", {"use": "toy"}, PATH)
+    ref = validate_part(registries, "step", {"use": "toy"}, PATH)
     # Nested parts get their own defaults too, so a resolved recipe states every value.
-    assert ref == PartRef("coupling", "toy", ToyParams(net=PartRef("net", "tiny", TinyParams())))
+    assert ref == PartRef("step", "toy", ToyParams(net=PartRef("net", "tiny", TinyParams())))
 
 
 def test_nested_table_without_use_tunes_the_default_part(registries: Registries) -> None:
-    params = validate_part(registries, "coupling", {"use": "toy", "net": {"hidden": 2}}, PATH).params
+    params = validate_part(registries, "step", {"use": "toy", "net": {"hidden": 2}}, PATH).params
     assert params.net == PartRef("net", "tiny", TinyParams(hidden=2))
 
 
 def test_values_are_converted_to_the_field_types(registries: Registries) -> None:
     table = {"use": "toy", "width": 3, "rate": 1, "mode": "slow", "flag": True, "sizes": [3, 4],
              "net": {"use": "tiny", "hidden": 2}}
-    params = validate_part(registries, "coupling", table, PATH).params
+    params = validate_part(registries, "step", table, PATH).params
     assert params == ToyParams(width=3, rate=1.0, mode="slow", flag=True, sizes=(3, 4),
                                net=PartRef("net", "tiny", TinyParams(hidden=2)))
     assert type(params.rate) is float  # an int is accepted for a float, and converted
 
 
 def test_nested_part_shorthand_string(registries: Registries) -> None:
-    params = validate_part(registries, "coupling", {"use": "toy", "net": "bare"}, PATH).params
+    params = validate_part(registries, "step", {"use": "toy", "net": "bare"}, PATH).params
     assert params.net == PartRef("net", "bare", NoParams())
 
 
 def test_unknown_key_suggests_and_lists_parameters(registries: Registries) -> None:
     [problem] = _problems(registries, {"use": "toy", "widht": 3})
     assert problem == (
-        f'{PATH}.widht is not a parameter of coupling toy. Did you mean "width"? '
+        f'{PATH}.widht is not a parameter of step toy. Did you mean "width"? '
         "Parameters: width, rate, mode, flag, sizes, net."
     )
 
@@ -141,12 +141,12 @@ def test_nested_part_parameters_are_validated(registries: Registries) -> None:
 
 def test_unknown_use_lists_the_parts_of_the_kind(registries: Registries) -> None:
     [problem] = _problems(registries, {"use": "tyo"})
-    assert problem == f'{PATH}.use = "tyo" is not a registered coupling. Did you mean "toy"? Available: needs, toy.'
+    assert problem == f'{PATH}.use = "tyo" is not a registered step. Did you mean "toy"? Available: needs, toy.'
 
 
 def test_missing_use_lists_the_parts_of_the_kind(registries: Registries) -> None:
     [problem] = _problems(registries, {"width": 3})
-    assert problem == f"{PATH}.use is missing: name the coupling to use. Available: needs, toy."
+    assert problem == f"{PATH}.use is missing: name the step to use. Available: needs, toy."
 
 
 def test_missing_required_fields_are_named_with_type_and_doc(registries: Registries) -> None:
@@ -164,7 +164,7 @@ def test_every_problem_is_reported_at_once(registries: Registries) -> None:
     table = {"use": "toy", "widht": 3, "rate": "fast", "mode": "medium", "flag": 1,
              "net": {"use": "tinny"}}
     with pytest.raises(RecipeError) as exc:
-        validate_part(registries, "coupling", table, PATH)
+        validate_part(registries, "step", table, PATH)
     problems = exc.value.problems
     assert len(problems) == 5
     for key in ("widht", "rate", "mode", "flag", "net.use"):
@@ -178,7 +178,7 @@ def test_validate_params_takes_a_table_without_use(registries: Registries) -> No
 
 def test_a_table_that_is_not_a_table(registries: Registries) -> None:
     [problem] = _problems(registries, 3)
-    assert problem == f'{PATH} should be a table with `use = "<coupling name>"`, not 3.'
+    assert problem == f'{PATH} should be a table with `use = "<step name>"`, not 3.'
 
 
 @pytest.mark.parametrize(

@@ -55,12 +55,12 @@ def test_crop_windows_come_from_each_levels_own_saved_generator() -> None:
     a.train(), b.train()
     assert "crop_rng_level2" in a.state_dict() and "crop_rng_level1" not in a.state_dict()
     # Other levels being evaluated, or the global RNG being used, do not move level 2's windows.
-    first = a.log_prob_parts(y, ["level2"])["level2"]
-    b.log_prob_parts(y, ["base", "level1"])
+    first = a.log_prob_terms(y, ["level2"])["level2"]
+    b.log_prob_terms(y, ["base", "level1"])
     torch.rand(100)
-    torch.testing.assert_close(b.log_prob_parts(y, ["level2"])["level2"], first)
+    torch.testing.assert_close(b.log_prob_terms(y, ["level2"])["level2"], first)
     # The state advances: later windows differ from the first (over a few draws at least one does).
-    later = [a.log_prob_parts(y, ["level2"])["level2"] for _ in range(6)]
+    later = [a.log_prob_terms(y, ["level2"])["level2"] for _ in range(6)]
     assert any(not torch.equal(t, first) for t in later)
 
 

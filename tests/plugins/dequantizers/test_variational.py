@@ -1,21 +1,18 @@
-"""dequantizer:variational: y in the right bin, log q a normalised density, the IW estimate."""
+"""dequantizer:variational: y in the right bin, log q a normalised density, its steps assembled as copies."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 import flowkit
-from flowkit import DensityModel, Dequantizer
 from flowkit.plugins import make_plugins
 from flowkit.testing import randomize_
-from flowkit_plugins.dequantizers.variational import iw_log_likelihood
 
 MODULES = [
     "flowkit_plugins.dequantizers.variational", "flowkit_plugins.couplings.mixlogistic",
     "flowkit_plugins.nets.gated_resnet", "flowkit_plugins.transforms.actnorm", "flowkit_plugins.transforms.invconv",
+    "flowkit_plugins.steps.glow",
 ]
 NET = {"use": "gated_resnet", "hidden": 8, "blocks": 1, "heads": 2, "dropout": 0.0}
 
@@ -25,8 +22,9 @@ def plugins():
     return make_plugins(entry_points=False, extra=MODULES)
 
 
-def make(plugins, in_shape=(2, 4, 4), **kwargs):
-    params = {"steps": 2, "net": NET, "coupling": {"use": "mixlogistic", "components": 3}, "context_channels": 4,
+def make(plugins, in_shape=(2, 4, 4), coupling=None, step=None, **kwargs):
+    coupling = {"use": "mixlogistic", "components": 3, "net": NET, **(coupling or {})}
+    params = {"steps": 2, "step": {"use": "glow", "coupling": coupling, **(step or {})}, "context_channels": 4,
               "context_blocks": 1, "dropout": 0.0, **kwargs}
     return flowkit.build("dequantizer", "variational", plugins=plugins, in_shape=in_shape, **params)
 
@@ -108,54 +106,25 @@ def test_initialize_sets_actnorm_from_data(plugins):
 
 
 def test_channel_mask_and_no_invconv(plugins):
-    deq = make(plugins, mask="channel", invconv="none", actnorm=False)
-    y, log_q = deq(images(), 3)
-    assert torch.isfinite(log_q).all()
+    deq = randomize_(make(plugins, coupling={"mask": "channel"}, step={"invconv": "none", "actnorm": False}))
+    assert [type(m).__name__ for m in deq.flow.transforms[0].transforms] == ["MixLogisticCoupling"]
+    x = images()
+    y, log_q = deq(x, 3)
+    torch.testing.assert_close(torch.floor(y * 8).to(torch.uint8), x, atol=0, rtol=0)
+
+
+def test_steps_are_copies_with_alternating_parity(plugins):
+    deq = make(plugins, steps=3)
+    couplings = [step.transforms[-1] for step in deq.flow.transforms]
+    assert [c.parity for c in couplings] == [0, 1, 0]
+    assert {c.mask_kind for c in couplings} == {"checkerboard"}
+
+
+def test_a_parity_set_by_hand_is_refused(plugins):
+    with pytest.raises(flowkit.RecipeError, match=r"coupling\.parity = 1 cannot be set.*alternates step by step"):
+        make(plugins, coupling={"parity": 1})
 
 
 def test_wrong_image_shape_is_reported(plugins):
     with pytest.raises(flowkit.ShapeError, match=r"\(B, 2, 4, 4\)"):
         make(plugins)(images(shape=(1, 4, 4)), 3)
-
-
-class _Box(DensityModel):
-    """The uniform density on [0, 1)^D: log p = 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.in_shape = (1, 1, 2)
-
-    def log_prob_parts(self, y, parts=None):
-        return {"total": torch.zeros(y.shape[0], dtype=torch.float64)}
-
-
-class _Fixed(Dequantizer):
-    """Returns preset (y, log q) pairs in turn."""
-
-    def __init__(self, log_qs) -> None:
-        super().__init__()
-        self.log_qs = list(log_qs)
-
-    def forward(self, x, n_bits):
-        return (x.double() + 0.5) / 2**n_bits, self.log_qs.pop(0)
-
-
-def test_iw_estimate_is_a_log_mean_exp_of_the_elbo_terms():
-    log_qs = [torch.tensor([0.1, -2.0]), torch.tensor([0.5, 1.0]), torch.tensor([-0.3, 0.0])]
-    x = torch.zeros(2, 1, 1, 2, dtype=torch.uint8)
-    estimate = iw_log_likelihood(_Fixed(log_qs), _Box(), x, 3, 3)
-    offset = 2 * 3 * math.log(2)
-    expected = torch.logsumexp(-torch.stack(log_qs).double() - offset, dim=0) - math.log(3)
-    torch.testing.assert_close(estimate, expected)
-    elbo = (-torch.stack(log_qs).double() - offset).mean(0)
-    assert (estimate >= elbo).all()
-
-
-def test_iw_method_tightens_the_bound_on_average(plugins):
-    deq = randomize_(make(plugins, in_shape=(1, 1, 2))).eval()
-    x = images(8, shape=(1, 1, 2))
-    torch.manual_seed(0)
-    single = torch.stack([deq.iw_log_likelihood(_Box(), x, 3, 1) for _ in range(16)]).mean()
-    torch.manual_seed(0)
-    many = deq.iw_log_likelihood(_Box(), x, 3, 16).mean()
-    assert many >= single

@@ -26,8 +26,9 @@ def plugins():
     return make_plugins()
 
 
-def make(plugins, in_shape=(1, 4, 4), **kwargs):
-    params = {"net": NET, "coupling": COUPLING, "layout": ["checkerboard", "squeeze", "channel", "channel"], **kwargs}
+def make(plugins, in_shape=(1, 4, 4), net=None, **kwargs):
+    step = {"use": "glow", "coupling": {**COUPLING, "net": net or NET}}
+    params = {"step": step, "layout": ["checkerboard", "squeeze", "channel", "channel"], **kwargs}
     return flowkit.build("model", "flowpp", plugins=plugins, in_shape=in_shape, **params)
 
 
@@ -53,24 +54,38 @@ def test_flow_inverts(plugins):
     torch.testing.assert_close(inv_logabsdet, -logabsdet, atol=1e-6, rtol=1e-8)
 
 
-def test_samples_are_images_in_the_unit_interval(plugins):
-    model = make(plugins, in_shape=(1, 8, 8))
-    model.initialize(torch.rand(16, 1, 8, 8))
-    for temperature in (1.0, 0.5, 0.0):
+def test_samples_invert_the_flow_from_prior_draws(plugins):
+    # Sampling is the prior's draw pushed through the inverse flow: the sample's latent is that
+    # draw. (Samples may leave [0, 1) by up to alpha / (1 - 2 alpha), the range of the logit
+    # preprocessing's inverse; the run engine saturates them.)
+    model = make(plugins, in_shape=(1, 8, 8)).double()
+    model.initialize(torch.rand(16, 1, 8, 8, dtype=torch.float64))
+    randomize_(model, scale=0.02)
+    for temperature in (1.0, 0.5):
+        torch.manual_seed(3)
         s = model.sample(5, temperature=temperature)
-        assert s.shape == (5, 1, 8, 8) and (s >= 0).all() and (s < 1).all()
+        torch.manual_seed(3)
+        z = model.prior.sample(5, temperature=temperature)
+        alpha = 0.05
+        assert s.shape == (5, 1, 8, 8) and ((s >= -alpha / (1 - 2 * alpha)) & (s <= (1 - alpha) / (1 - 2 * alpha))).all()
+        # The mixture couplings invert by bisection to tol = 1e-6 (mixlogistic's default).
+        torch.testing.assert_close(model.encode(s)[0], z, atol=1e-6, rtol=1e-5)
 
 
-def test_layout_alternates_parity_and_resets_it(plugins):
+def test_layout_alternates_parity_and_resets_it_and_the_recipe_records_it(plugins):
     model = make(plugins, in_shape=(1, 8, 8),
                  layout=["checkerboard", "checkerboard", "checkerboard", "squeeze", "channel", "channel"])
     couplings = [step.transforms[-1] for step in model.flow.transforms if isinstance(step, flowkit.Sequential)]
     assert [(c.mask_kind, c.parity) for c in couplings] == [
         ("checkerboard", 0), ("checkerboard", 1), ("checkerboard", 0), ("channel", 0), ("channel", 1)]
     assert [c.in_shape for c in couplings][-1] == (4, 4, 4)
+    ref = flowkit.ref("model", "flowpp", plugins=plugins, layout=["checkerboard", "checkerboard", "squeeze", "channel"])
+    assert ref.to_toml()["derived"] == {"step.coupling.mask": ["checkerboard", "checkerboard", "channel"],
+                                        "step.coupling.parity": [0, 1, 0]}
+    assert "mask" not in ref.to_toml()["step"]["coupling"] and "parity" not in ref.to_toml()["step"]["coupling"]
 
 
-def test_every_coupling_uses_the_model_net(plugins):
+def test_every_coupling_uses_the_recipe_net(plugins):
     model = make(plugins, net={**NET, "hidden": 6})
     nets = [m for m in model.modules() if type(m).__name__ == "GatedResNet"]
     assert nets and all(n.conv_in.out_channels == 6 for n in nets)
@@ -101,16 +116,21 @@ def test_bad_layouts_are_reported(plugins):
         make(plugins).log_prob(torch.rand(2, 1, 8, 8))
 
 
-def test_a_part_without_mask_and_parity_is_rejected(plugins):
-    build = Builder(plugins.registries)
-    with pytest.raises(flowkit.RecipeError, match='net "gated_resnet" has no parameter mask, parity'):
-        build.with_params(flowkit.PartRef("net", "gated_resnet"), mask="channel", parity=0)
-    ref = build.with_params(flowkit.PartRef("coupling", "mixlogistic"), optional=("net", "extra"), parity=1, extra=3)
-    assert ref.params.parity == 1
+def test_a_mask_or_parity_set_by_hand_is_refused(plugins):
+    for key, value, why in (("mask", "channel", "model.layout"), ("parity", 1, "alternates within a run")):
+        with pytest.raises(flowkit.RecipeError, match=rf"step\.coupling\.{key} = .* cannot be set.*\({why}"):
+            make(plugins, step={"use": "glow", "coupling": {**COUPLING, "net": NET, key: value}})
+
+
+def test_a_coupling_without_the_layouts_mask_is_refused(plugins):
+    # The third-party example coupling only has channel masks; the layout asks for a checkerboard.
+    with pytest.raises(flowkit.RecipeError, match=r'step\.coupling\.mask \(set on each copy by model "flowpp": '
+                                                r'model\.layout\) = "checkerboard" is not allowed\. Allowed: "channel"'):
+        make(plugins, step={"use": "glow", "coupling": {"use": "example_shift"}})
 
 
 @pytest.mark.parametrize("override", [
-    None, "dequantizer.use=uniform", "model.coupling.use=affine", "model.net.attention=false",
+    None, "dequantizer.use=uniform", "model.step.coupling.use=affine", "model.step.coupling.net.attention=false",
 ])
 def test_each_ablation_is_one_override(plugins, override):
     recipe = load_recipe(RECIPE, plugins.registries, preset="smoke", overrides=[override] if override else [])
@@ -118,16 +138,15 @@ def test_each_ablation_is_one_override(plugins, override):
     model = build(recipe.model, in_shape=(1, 28, 28))
     deq = build(recipe.dequantizer, in_shape=(1, 28, 28))
     x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
-    if hasattr(deq, "initialize"):
-        deq.initialize(x, 8)
+    deq.initialize(x, 8)
     y, log_q = deq(x, 8)
     model.initialize(y)
     log_p = model.log_prob(y)
     assert torch.isfinite(log_p).all() and torch.isfinite(torch.as_tensor(log_q)).all()
     couplings = {type(m).__name__ for m in model.modules()}
-    if override == "model.coupling.use=affine":
+    if override == "model.step.coupling.use=affine":
         assert "AffineCoupling" in couplings and "MixLogisticCoupling" not in couplings
-    if override == "model.net.attention=false":
+    if override == "model.step.coupling.net.attention=false":
         assert not any(a.attention for a in model.modules() if type(a).__name__ == "GatedAttention")
     if override == "dequantizer.use=uniform":
         assert recipe.dequantizer.use == "uniform"

@@ -121,14 +121,13 @@ def test_sampling_at_temperature_zero_returns_the_prior_means_through_the_invers
     torch.testing.assert_close(latents[-1], model.top_prior.mean(2), atol=1e-8, rtol=1e-8)
 
 
-def test_samples_are_images_in_the_unit_interval_and_temperature_sets_their_spread():
+def test_temperature_sets_the_spread_of_the_samples():
     in_shape = (1, 8, 8)
     model = _ready(_model(in_shape), in_shape)
     torch.manual_seed(0)
     hot = model.sample(16, temperature=1.0)
     cold = model.sample(16, temperature=0.3)
     assert hot.shape == (16, *in_shape)
-    assert hot.min() >= 0 and hot.max() < 1
     assert hot.std(0).mean() > cold.std(0).mean()
 
 
@@ -178,13 +177,12 @@ def test_wrong_input_shape_is_refused():
         model.log_prob(torch.rand(2, 1, 16, 16))
 
 
-def test_an_overflowing_inverse_is_saturated_and_counted_not_returned_as_nan():
+def test_an_overflowing_inverse_is_returned_as_is_for_the_run_engine_to_count():
+    # Models do not clamp or count: `flowkit.runs.sampling.saturate` does, for every model.
     in_shape = (1, 8, 8)
     model = _ready(_model(in_shape), in_shape)
     with torch.no_grad():
         model.top_prior.log_scale.fill_(100.0)  # exp(100) overflows float32: the inverse gets inf
     y = model.sample(3, temperature=1.0)
-    assert torch.isfinite(y).all() and y.min() >= 0 and y.max() < 1
-    assert model.overflowed == 3
-    model.sample(2, temperature=0.0)
-    assert model.overflowed == 0
+    assert not torch.isfinite(y).flatten(1).all(1).any()
+    assert torch.isfinite(model.sample(2, temperature=0.0)).all()

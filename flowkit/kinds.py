@@ -1,0 +1,61 @@
+"""What a kind of part is, in one table: its register hook, its contract, where recipes hold
+it, what its factory takes, and which parameters assembly relies on.
+
+The registry, the plugin loader, the recipe loader, `flowkit.build`, `flowkit parts` and the
+contract tests all read `KINDS`; a new kind is one row here plus its hookspec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from flowkit.contracts import Decomposition, DensityModel, Dequantizer, ImageDataset, Prior, Transform
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of part.
+
+    Args:
+        name: the registry namespace (``coupling``).
+        hook: the hook that registers parts of this kind.
+        contract: what the factory returns (a class every part of the kind is an instance of).
+        example: the recipe table where a part of this kind typically sits (``flowkit parts``).
+        section: the top-level recipe section holding one part of this kind, if any.
+        shape_kwargs: the keyword arguments the factory takes besides ``params`` and ``build``.
+        assembly_params: parameters every part of the kind must declare, because models set them
+            copy by copy when they assemble steps (checked when a plugin registers the part).
+    """
+
+    name: str
+    hook: str
+    contract: type
+    example: str
+    section: str | None = None
+    shape_kwargs: tuple[str, ...] = ("in_shape", "context_shape")
+    assembly_params: tuple[str, ...] = ()
+
+
+KINDS: dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind("transform", "flowkit_register_transforms", Transform, "model.step.transform"),
+        Kind("decomposition", "flowkit_register_decompositions", Decomposition, "model.decomposition",
+             shape_kwargs=()),
+        Kind("coupling", "flowkit_register_couplings", Transform, "model.step.coupling",
+             assembly_params=("mask", "parity", "net")),
+        Kind("step", "flowkit_register_steps", Transform, "model.step"),
+        Kind("net", "flowkit_register_nets", nn.Module, "model.step.coupling.net",
+             shape_kwargs=("in_shape", "context_shape", "out_channels")),
+        Kind("prior", "flowkit_register_priors", Prior, "model.prior"),
+        Kind("dequantizer", "flowkit_register_dequantizers", Dequantizer, "dequantizer", section="dequantizer",
+             shape_kwargs=("in_shape",)),
+        Kind("model", "flowkit_register_models", DensityModel, "model", section="model", shape_kwargs=("in_shape",)),
+        Kind("dataset", "flowkit_register_datasets", ImageDataset, "data", section="data", shape_kwargs=()),
+    )
+}
+
+#: Recipe sections that hold a part: section name -> kind.
+PART_SECTIONS: dict[str, str] = {k.section: k.name for k in KINDS.values() if k.section}
