@@ -54,6 +54,8 @@ class PartRef:
                     for key in sub:
                         node = node[key]
                     node.pop(rule.key, None)
+                    # One value stands for all copies; a list has one per copy (derived values
+                    # are scalars, so a list is never a single value).
                     same = len(set(map(repr, rule.values))) == 1
                     derived[dotted] = rule.values[0] if same else list(rule.values)
         if derived:

@@ -157,6 +157,14 @@ def _prune(directory: Path, latest: Path, step: int) -> None:
         stale.unlink(missing_ok=True)
 
 
+def latest_step(directory: Path) -> int | None:
+    """The step of the checkpoint ``latest.json`` names, or None when there is none yet."""
+    try:
+        return int(json.loads((directory / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def latest_checkpoint(directory: Path) -> Path:
     """The folder ``latest.json`` names; a `FlowkitError` when it is missing, unreadable or dangling."""
     pointer = directory / "latest.json"

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from flowkit.errors import TrainingError
-from flowkit.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowkit.runs.checkpoint import latest_checkpoint, latest_step, load_checkpoint, save_checkpoint
 from flowkit.runs.evaluate import evaluate
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.session import Session
@@ -187,7 +187,8 @@ class Trainer:
             if self.term_threads is not None:
                 self.term_threads.close()
                 self.term_threads = None
-        self.checkpoint()
+        if latest_step(self.rundir.checkpoints) != self.state.step:  # a periodic one may have saved it
+            self.checkpoint()
         self.reporter.finish()
 
     def _steps(self) -> None:

@@ -6,14 +6,14 @@ MaCow's fine-grained variant, ``splits = 2`` and a few ``bottom_depth`` steps at
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from flowkit import DecompositionLayer, DensityModel, PartRef, ShapeError, Transform, hookimpl, param, part_field
+from flowkit import Copies, DecompositionLayer, DensityModel, PartRef, ShapeError, Transform, hookimpl, param, part_field
 from flowkit.contracts.transform import Sequential, zeros_logabsdet
 
 if TYPE_CHECKING:
@@ -50,6 +50,13 @@ class MultiscaleParams:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1.")
         if self.bottom_depth < 0:
             raise ValueError(f"bottom_depth = {self.bottom_depth} must be >= 0.")
+
+    def copies(self) -> dict[str, Copies]:
+        """The steps, all alike: ``bottom_depth`` bottom steps, and K per split of each level
+        below the top plus K at the top. (None is derived: Glow mixes channels with its 1x1
+        convolution instead of alternating the coupling's parity.)"""
+        return {"bottom_step": Copies(self.bottom_depth),
+                "step": Copies(((self.levels - 1) * self.splits + 1) * self.depth)}
 
 
 class _Stage(nn.Module):
@@ -131,11 +138,14 @@ class Multiscale(DensityModel):
         self.params = params
         shape: Shape = self.in_shape
 
-        def steps(ref: PartRef, count: int, at: Shape) -> Sequential:
-            made: list[Transform] = [build(ref, in_shape=at, context_shape=None) for _ in range(count)]
+        step_refs = iter(build.copies(params, "step"))
+
+        def steps(refs: Iterator[PartRef], count: int, at: Shape) -> Sequential:
+            made: list[Transform] = [build(next(refs), in_shape=at, context_shape=None) for _ in range(count)]
             return Sequential(made)
 
-        self.bottom = steps(params.bottom_step, params.bottom_depth, shape) if params.bottom_depth else None
+        bottom_refs = iter(build.copies(params, "bottom_step"))
+        self.bottom = steps(bottom_refs, params.bottom_depth, shape) if params.bottom_depth else None
         levels: list[_Level] = []
         for index in range(1, params.levels + 1):
             squeeze = DecompositionLayer(build(params.squeeze), shape)
@@ -144,7 +154,7 @@ class Multiscale(DensityModel):
             stages: list[_Stage] = []
             factored = 0
             if top:
-                stages.append(_Stage(steps(params.step, params.depth, shape), None, shape[0]))
+                stages.append(_Stage(steps(step_refs, params.depth, shape), None, shape[0]))
             else:
                 channels = shape[0]
                 if channels % (2 * params.splits):
@@ -158,7 +168,7 @@ class Multiscale(DensityModel):
                     keep = shape[0] - chunk
                     prior = build(params.split_prior, in_shape=(chunk, shape[1], shape[2]),
                                   context_shape=(keep, shape[1], shape[2]))
-                    stages.append(_Stage(steps(params.step, params.depth, shape), prior, keep))
+                    stages.append(_Stage(steps(step_refs, params.depth, shape), prior, keep))
                     factored += chunk * shape[1] * shape[2]
                     shape = (keep, shape[1], shape[2])
             name = "top" if top else f"level{index}"

@@ -165,3 +165,41 @@ def test_nan_loss_stops_with_level_and_step_and_keeps_last_good_checkpoint(
     weights = load_file(str(out / "checkpoints" / latest["path"] / "weights.safetensors"))
     assert all(np.isfinite(v.numpy()).all() for v in weights.values())
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("recipe", ["glow", "macow", "flowpp"])
+def test_level_on_a_model_whose_terms_are_not_densities_of_their_own_exits_2_without_a_run_directory(
+    tmp_path: Path, recipe: str,
+) -> None:
+    result = run_cli("run", str(RECIPE.parent / f"{recipe}.toml"), "--preset", "smoke", "--level", "0",
+                     "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "train.level = 0 (--level) trains one term of the model alone" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_derived_value_set_on_the_command_line_exits_2_naming_the_key(tmp_path: Path) -> None:
+    result = run_cli("run", str(RECIPE), "--preset", "smoke", "--set", "model.step.coupling.net.hidden=128",
+                     "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.step.coupling.net.hidden = 128 cannot be set" in result.stderr and "model.hidden" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_run_directory_recipe_lists_the_derived_values_and_reloads(tmp_path: Path) -> None:
+    import tomllib
+
+    out = tmp_path / "run"
+    assert flowkit("run", str(RECIPE), "--preset", "smoke", "--out", str(out)).exit_code == 0
+    resolved = tomllib.loads((out / "recipe.toml").read_text())
+    assert resolved["model"]["derived"] == {"base_step.coupling.parity": [0, 1],
+                                            "base_step.coupling.net.hidden": 8,
+                                            "step.coupling.parity": [0, 1, 0, 1],
+                                            "step.coupling.net.hidden": 8}
+    assert "parity" not in resolved["model"]["step"]["coupling"]
+    assert "hidden" not in resolved["model"]["step"]["coupling"]["net"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples_overflowed"] == {"T1": 0, "T0.7": 0}
+    report = (out / "report.md").read_text()
+    assert "samples overflowed at T1 | 0 of 4" in report and "test bits/dim of level1 (over its own dims)" in report

@@ -22,6 +22,8 @@ FORBIDDEN = {
                        "flowkit.runs", "flowkit.cli", "flowkit.api"),
     "flowkit.params": ("flowkit.recipes", "flowkit.registry", "flowkit.plugins", "flowkit.models",
                        "flowkit.runs", "flowkit.cli", "flowkit.api"),
+    "flowkit.kinds": ("flowkit.recipes", "flowkit.registry", "flowkit.plugins", "flowkit.models",
+                      "flowkit.runs", "flowkit.cli", "flowkit.api"),
     "flowkit.hookspecs": ("flowkit.recipes", "flowkit.models", "flowkit.runs", "flowkit.cli", "flowkit.api"),
     "flowkit.registry": ("flowkit.recipes", "flowkit.plugins", "flowkit.models", "flowkit.runs", "flowkit.cli",
                          "flowkit.api"),

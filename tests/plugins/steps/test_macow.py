@@ -30,9 +30,8 @@ def test_masked_conv_flow_round_trip_and_logdet_match_brute_force(direction, ker
 def test_masked_conv_flow_with_context_is_exact_and_uses_the_context(direction):
     torch.manual_seed(1)
     flow = _mcf(direction, context_shape=(3, 4, 4))
-    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
-    context = torch.randn(1, 3, 4, 4, dtype=torch.float64)
-    # flowkit.testing's brute-force Jacobian runs one row of x against the whole context, so B = 1.
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    context = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     check_transform(flow, x, context)
     z, _ = flow(x, context)
     z_other, _ = flow(x, context + 1.0)
@@ -95,7 +94,7 @@ def test_macow_step_layout_follows_the_reference_unit():
     assert kernels == {(2, 3)}
 
 
-def test_macow_step_float32_round_trip_on_a_realistic_size_is_below_1e_4():
+def test_macow_step_float32_round_trip_on_a_realistic_size_is_within_float32_tolerances():
     torch.manual_seed(4)
     step = flowkit.build("step", "macow", in_shape=(12, 16, 16))
     x = torch.randn(2, 12, 16, 16)
@@ -104,8 +103,10 @@ def test_macow_step_float32_round_trip_on_a_realistic_size_is_below_1e_4():
     with torch.no_grad():
         z, logabsdet = step(x)
         x_back, inverse_logabsdet = step.inverse(z)
-    assert (x_back - x).abs().max() < 1e-4
-    torch.testing.assert_close(inverse_logabsdet, -logabsdet, atol=1e-3, rtol=1e-5)
+    # Measured: 1.7e-6 and 2.7e-4 (on a log-det of 165, a sum of 3072 float32 terms); the
+    # autoregressive inverse does not amplify the round-off beyond float32's own.
+    torch.testing.assert_close(x_back, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inverse_logabsdet, -logabsdet, atol=0, rtol=1e-5)
 
 
 def test_macow_step_gives_every_parameter_a_gradient():
