@@ -234,19 +234,24 @@ class Multiscale(DensityModel):
         latents = [out for _, _, splits in walked for _, _, out in splits] + [top]
         return latents, torch.stack([logabsdet for _, logabsdet, _ in walked]).sum(0)
 
-    def decode(self, latents: list[Tensor]) -> Tensor:
-        """The inverse of `encode` (without the clamp of `sample`): latents to ``y``."""
-        latents = list(latents)
-        h = latents.pop()
+    def _generate(self, h: Tensor, factored_out: Callable[[_Stage, Tensor], Tensor]) -> Tensor:
+        """The latent-to-data pass from the top latent ``h``; ``factored_out(stage, kept)`` gives
+        the part each split factored out (a stored latent, or a draw from its prior)."""
         for level in reversed(self.levels):
             for stage in reversed(level.stages):
                 if stage.prior is not None:
-                    h = torch.cat([h, latents.pop()], dim=1)
+                    h = torch.cat([h, factored_out(stage, h)], dim=1)
                 h, _ = stage.steps.inverse(h)
             h, _ = level.squeeze.inverse(h)
         if self.bottom is not None:
             h, _ = self.bottom.inverse(h)
         return h + CENTRE
+
+    def decode(self, latents: list[Tensor]) -> Tensor:
+        """The inverse of `encode`: latents to ``y``."""
+        latents = list(latents)
+        top = latents.pop()
+        return self._generate(top, lambda stage, kept: latents.pop())
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
@@ -256,19 +261,8 @@ class Multiscale(DensityModel):
         such as MaCow's amplify along rows, most of all in an under-trained model at
         temperature 1); the run engine saturates and counts such images for every model.
         """
-        if temperature == 0:
-            h = self.top_prior.mean(n)
-        else:
-            h = self.top_prior.sample(n, temperature=temperature)
-        for level in reversed(self.levels):
-            for stage in reversed(level.stages):
-                if stage.prior is not None:
-                    h = torch.cat([h, stage.sample_out(h, temperature)], dim=1)
-                h, _ = stage.steps.inverse(h)
-            h, _ = level.squeeze.inverse(h)
-        if self.bottom is not None:
-            h, _ = self.bottom.inverse(h)
-        return h + CENTRE
+        top = self.top_prior.mean(n) if temperature == 0 else self.top_prior.sample(n, temperature=temperature)
+        return self._generate(top, lambda stage, kept: stage.sample_out(kept, temperature))
 
     @torch.no_grad()
     def initialize(self, y: Tensor) -> None:
