@@ -27,6 +27,9 @@ def _seeded_rng() -> Iterator[None]:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         yield
+    # A session sets torch's thread count for the whole process (train.threads = 0: all cores);
+    # give the next test in this worker its one thread back.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -147,8 +147,12 @@ class VariationalDequantizer(Dequantizer):
             log_normal = -0.5 * (ef.square() + LOG_2PI).flatten(1).sum(1)
             log_sigmoid_det = (F.logsigmoid(hf) + F.logsigmoid(-hf)).flatten(1).sum(1)
             log_q = log_normal - logabsdet - log_sigmoid_det
-            # y < 1 strictly, even where the sigmoid rounds to 1 in float32.
-            y = ((x.to(dtype) + torch.sigmoid(hf)) / 2**n_bits).clamp(max=1.0 - torch.finfo(dtype).eps)
+            # y stays in x's bin, [x/K, (x+1)/K), even where x + sigmoid(h) rounds up to x + 1 in
+            # float32 (for large x at h >= ~12, and for every x at h >= ~16): the uniform
+            # dequantizer's cap.
+            xf = x.to(dtype)
+            y = (xf + torch.sigmoid(hf)) / 2**n_bits
+            y = torch.minimum(y, torch.nextafter((xf + 1) / 2**n_bits, torch.zeros((), dtype=dtype, device=x.device)))
         return y.to(x.dtype), log_q
 
     def log_prob_noise(self, u: Tensor, x: Tensor, n_bits: int) -> Tensor:

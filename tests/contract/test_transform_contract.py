@@ -5,7 +5,9 @@ with a spatial context ``(2, 4, 4)``, perturbed with `randomize_` (so zero-initi
 cannot hide a bug), initialised on data and put in eval mode (dropout in a net makes training-mode
 calls random, so forward and inverse would not pair up), then checked: round trip, log-det against the
 brute-force Jacobian in both directions, shapes and dtype, row independence, finite gradients
-for every parameter, and the context rules.
+for every parameter, and the context rules. All at `flowkit.testing`'s float64 defaults
+(atol 1e-10, rtol 1e-8); the one override is mixlogistic's bisection tolerance (see OVERRIDES).
+tests/contract/test_every_part.py runs every kind of part, these included, at tiny sizes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import torch
 
 import flowkit
 from flowkit.build import Builder
-from flowkit.params import PartRef
 from flowkit.plugins import make_plugins
 from flowkit.testing import check_gradients, check_transform, randomize_
 
@@ -43,8 +44,15 @@ def builder() -> Builder:
     return Builder(make_plugins().registries)
 
 
+#: Params overrides of parts that are exact only to a tolerance of their own: mixlogistic's
+#: bisection inverse stops at tol (1e-6 by default), so the contract builds it at 1e-12 and
+#: holds it, like every other part, to flowkit.testing's float64 defaults (atol 1e-10, rtol 1e-8).
+OVERRIDES = {("coupling", "mixlogistic"): {"tol": 1e-12}}
+
+
 def _build(builder: Builder, kind: str, name: str, context_shape, x, context):
-    part = builder(PartRef(kind, name), in_shape=IN_SHAPE, context_shape=context_shape)
+    ref = flowkit.ref(kind, name, **OVERRIDES.get((kind, name), {}))
+    part = builder(ref, in_shape=IN_SHAPE, context_shape=context_shape)
     assert isinstance(part, flowkit.Transform), f"{kind}:{name} is not a flowkit.Transform"
     part = randomize_(part.double())
     part.initialize(x, context)
@@ -57,39 +65,16 @@ def _data(context_shape):
     return x, context
 
 
-def _brute_force_logabsdet(fn, x):
-    # One backward pass per output coordinate serves every row at once: rows are independent
-    # (check_transform checks it), so the Jacobian of the batch sum holds each row's own block.
-    # flowkit.testing.jacobian_logabsdet goes row by row and cannot slice a context.
-    batch, dims = x.shape[0], x[0].numel()
-    jac = torch.autograd.functional.jacobian(lambda v: fn(v).reshape(batch, dims).sum(0), x)
-    return torch.linalg.slogdet(jac.reshape(dims, batch, dims).transpose(0, 1)).logabsdet
-
-
-def _check_jacobians(transform, x, context, atol=1e-4, rtol=1e-3):
-    z, logabsdet = transform(x, context)
-    _, inv_logabsdet = transform.inverse(z, context)
-    brute = _brute_force_logabsdet(lambda v: transform(v, context)[0], x)
-    torch.testing.assert_close(logabsdet, brute, atol=atol, rtol=rtol,
-                               msg=lambda m: f"forward logabsdet != brute-force log|det J|: {m}")
-    brute_inv = _brute_force_logabsdet(lambda v: transform.inverse(v, context)[0], z.detach())
-    torch.testing.assert_close(inv_logabsdet, brute_inv, atol=atol, rtol=rtol,
-                               msg=lambda m: f"inverse logabsdet != brute-force log|det J|: {m}")
-
-
 @pytest.mark.parametrize("kind, name, context_shape", CASES)
 def test_transform_contract(builder, kind, name, context_shape):
     x, context = _data(context_shape)
     transform = _build(builder, kind, name, context_shape, x, context)
 
-    check_transform(transform, x, context, jacobian=False)
-    _check_jacobians(transform, x, context)
-
+    # Round trip, both log-dets against the brute-force Jacobian, shapes, the promoted float64
+    # log-det dtype, row independence: all at the float64 defaults (atol 1e-10, rtol 1e-8).
+    check_transform(transform, x, context)
     z, logabsdet = transform(x, context)
-    assert logabsdet.dtype == torch.float64, f"logabsdet is {logabsdet.dtype}, not the promoted float64"
-    x_back, inv_logabsdet = transform.inverse(z, context)
-    assert x_back.shape == x.shape and inv_logabsdet.shape == (2,)
-
+    assert not torch.allclose(z, x), f"{kind}:{name} is the identity after randomize_: the checks above could not fail"
     check_gradients(transform, -(logabsdet - 0.5 * z.pow(2).sum(dim=(1, 2, 3))).mean())
 
 

@@ -30,6 +30,9 @@ def plugins():
 def make(plugins, shape=(2, 4, 4), scale=0.3, **kwargs):
     kwargs.setdefault("net", NET)
     kwargs.setdefault("components", 3)
+    # The bisection inverse is exact only to its tol (1e-6 by default); 1e-12 lets check_transform
+    # hold the round trip and log-dets to its float64 defaults (atol 1e-10, rtol 1e-8).
+    kwargs.setdefault("tol", 1e-12)
     t = flowkit.build("coupling", "mixlogistic", plugins=plugins, in_shape=shape, **kwargs).double()
     return randomize_(t, scale).eval()
 
@@ -49,6 +52,19 @@ def test_round_trip_and_logdet_match_autograd_jacobian(plugins, mask, parity):
     check_transform(t, x)
     z, _ = t(x)
     assert not torch.allclose(z, x), "the randomized coupling should change its input"
+
+
+def test_default_tol_round_trip_is_within_that_tol(plugins):
+    t = make(plugins, mask="checkerboard", tol=1e-6)
+    x = 3.0 * torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    # The bisection stops once its bracket is narrower than tol = 1e-6, so x comes back within
+    # 1e-6 (not 1e-10); the log-dets are evaluated at x and x_back, and differ by
+    # |d logabsdet / dx| * 1e-6 per entry, well inside 1e-5 here.
+    check_transform(t, x, atol=1e-6, rtol=0, jacobian=False)
+    z, logabsdet = t(x)
+    x_back, inv_logabsdet = t.inverse(z)
+    assert (x_back - x).abs().max() > 0, "tol = 1e-6 should leave a visible bisection error"
+    torch.testing.assert_close(inv_logabsdet, -logabsdet, atol=1e-5, rtol=0)
 
 
 def test_channel_mask_with_odd_channels(plugins):
@@ -73,8 +89,9 @@ def test_round_trip_far_in_the_tails(plugins):
     z, logabsdet = t(x)
     assert torch.isfinite(z).all() and torch.isfinite(logabsdet).all()
     x_back, inv_logabsdet = t.inverse(z)
-    assert (x_back - x).abs().max() < 1e-4
-    torch.testing.assert_close(inv_logabsdet, -logabsdet, atol=1e-6, rtol=1e-8)
+    # tol = 1e-12 plus the solver's 4 ulps of |x| (1e3 * 4 * 2.2e-16 = 8.9e-13).
+    torch.testing.assert_close(x_back, x, atol=1e-12 + 8 * torch.finfo(torch.float64).eps * 1e3, rtol=0)
+    torch.testing.assert_close(inv_logabsdet, -logabsdet, atol=1e-10, rtol=1e-8)
 
 
 def test_bisection_inverse_is_accurate_for_extreme_mixtures():
@@ -159,8 +176,8 @@ def test_every_parameter_gets_a_finite_gradient(plugins):
 
 def test_context_is_used_and_checked(plugins):
     t = make(plugins, mask="checkerboard", context_shape=(3, 4, 4))
-    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
-    context = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    context = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     check_transform(t, x, context)
     assert not torch.allclose(t(x, context)[0], t(x, context + 1.0)[0])
     with pytest.raises(flowkit.ShapeError):
@@ -175,9 +192,9 @@ def test_vector_context_with_a_channel_mask(plugins):
     context = torch.randn(2, 5, dtype=torch.float64)
     z, logabsdet = t(x, context)
     x_back, _ = t.inverse(z, context)
-    torch.testing.assert_close(x_back, x, atol=1e-6, rtol=0)
-    brute = jacobian_logabsdet(lambda v: t(v, context[:1])[0], x[:1])
-    torch.testing.assert_close(logabsdet[:1], brute, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x_back, x, atol=1e-10, rtol=0)
+    brute = jacobian_logabsdet(lambda v, c: t(v, c)[0], x, context)
+    torch.testing.assert_close(logabsdet, brute, atol=1e-10, rtol=1e-8)
 
 
 def test_bad_shapes_are_explained(plugins):
@@ -189,13 +206,35 @@ def test_bad_shapes_are_explained(plugins):
         make(plugins)(torch.randn(2, 2, 4, 6, dtype=torch.float64))
 
 
-def test_bf16_autocast_keeps_logdet_in_float32(plugins):
-    t = flowkit.build("coupling", "mixlogistic", plugins=plugins, in_shape=(2, 4, 4), components=3, net=NET)
+class _Answers(torch.nn.Module):
+    """A net that answers a fixed bfloat16 output, as a net under bf16 autocast would."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.h = h
+
+    def forward(self, x, context=None):
+        return self.h
+
+
+def test_bf16_autocast_leaves_the_mixture_in_float32(plugins):
+    # With the net's (bf16) answer fixed, autocast must change nothing: the CDF, its inverse and
+    # the log-det run in float32. Computing them in bf16 would be off by about 1e-2.
+    t = flowkit.build("coupling", "mixlogistic", plugins=plugins, in_shape=(2, 4, 4), components=3, net=NET).eval()
+    randomize_(t, 0.3)
     x = torch.randn(2, 2, 4, 4)
+    cond, _ = t._halves.split(x, t.cond_is_even_col)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = t.net(cond)
+    assert h.dtype == torch.bfloat16
+    t.net = _Answers(h)
+    z32, logabsdet32 = t(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z, logabsdet = t(x)
-    assert z.dtype == torch.float32 and logabsdet.dtype == torch.float32
-    assert torch.isfinite(logabsdet).all()
+        _, inv_logabsdet = t.inverse(z)
+    assert z.dtype == torch.float32 and logabsdet.dtype == torch.float32 and inv_logabsdet.dtype == torch.float32
+    torch.testing.assert_close(z, z32, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logabsdet, logabsdet32, atol=1e-6, rtol=1e-6)
 
 
 @settings(deadline=None, max_examples=25)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import flowkit
+from flowkit.testing import check_dequantizer
 from flowkit_plugins.dequantizers.uniform import UniformDequantizer
 
 
@@ -79,3 +80,11 @@ def test_n_bits_out_of_range_is_refused(dequantize: UniformDequantizer) -> None:
 def test_it_has_no_parameters(dequantize: UniformDequantizer) -> None:
     assert list(dequantize.parameters()) == []
     assert isinstance(dequantize, flowkit.Dequantizer)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float64])
+def test_contract_check_on_a_four_pixel_image(dtype: torch.dtype) -> None:
+    # log q = 0 is checked by importance sampling as a normalised density on the unit cube.
+    dequantize = flowkit.build("dequantizer", "uniform", in_shape=(1, 2, 2))
+    x = torch.tensor([[0, 255], [17, 128]]).view(1, 1, 2, 2).repeat(3, 1, 1, 1).to(dtype)
+    check_dequantizer(dequantize, x, 8)

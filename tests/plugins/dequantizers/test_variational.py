@@ -128,3 +128,13 @@ def test_a_parity_set_by_hand_is_refused(plugins):
 def test_wrong_image_shape_is_reported(plugins):
     with pytest.raises(flowkit.ShapeError, match=r"\(B, 2, 4, 4\)"):
         make(plugins)(images(shape=(1, 4, 4)), 3)
+
+
+def test_y_stays_in_the_bin_of_x_where_the_sigmoid_rounds_up_in_float32(plugins):
+    # x + sigmoid(h) rounds to x + 1 in float32 for large x at h >= ~12: y must not leave x's bin.
+    deq = make(plugins)
+    with torch.no_grad():
+        deq.flow.transforms[-1].transforms[-1].net.conv_out.bias.fill_(16.0)
+    x = torch.tensor([0, 1, 128, 200, 254, 255], dtype=torch.uint8).repeat(32).view(4, 2, 4, 6)[..., :4]
+    y, _ = deq(x, 8)
+    torch.testing.assert_close(torch.floor(y * 256).to(torch.uint8), x, atol=0, rtol=0)

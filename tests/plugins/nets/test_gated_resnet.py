@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import flowkit
 from flowkit.plugins import make_plugins
-from flowkit.testing import randomize_
+from flowkit.testing import check_rows_independent, randomize_
 from flowkit_plugins.nets.gated_resnet import GatedAttention
 
 SMALL = {"hidden": 8, "blocks": 2, "heads": 2, "dropout": 0.0}
@@ -91,17 +91,20 @@ def test_dropout_only_in_training(plugins):
 
 def test_rows_are_independent(plugins):
     net = randomize_(make(plugins)).eval()
-    x = torch.randn(3, 3, 6, 4)
-    x2 = x.clone()
-    x2[1:] += 1.0
-    torch.testing.assert_close(net(x)[0], net(x2)[0])
+    check_rows_independent(net, torch.randn(3, 3, 6, 4))
 
 
-def test_runs_under_bf16_autocast(plugins):
-    net = make(plugins, context_shape=(4, 6, 4))
+def test_bf16_autocast_gives_the_float32_output_to_bf16_precision(plugins):
+    net = randomize_(make(plugins, context_shape=(4, 6, 4))).eval()
+    x, context = torch.randn(2, 3, 6, 4), torch.randn(2, 4, 6, 4)
+    reference = net(x, context)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = net(torch.randn(2, 3, 6, 4), torch.randn(2, 4, 6, 4))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        out = net(x, context)
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa (relative 4e-3 per rounding); measured 1e-2 on outputs of
+    # about 2 after a dozen layers.
+    assert reference.abs().max() > 0.5, "a near-zero output would make the comparison trivial"
+    torch.testing.assert_close(out.float(), reference, atol=5e-2, rtol=5e-2)
 
 
 def test_output_scale_zero_gives_zero_output(plugins):

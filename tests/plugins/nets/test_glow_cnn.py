@@ -80,7 +80,8 @@ def test_glow_cnn_output_scale_is_optional(plugins):
         net.logs.fill_(0.5)
         scaled = net(x)
         net.logs.zero_()
-        torch.testing.assert_close(scaled, net(x) * torch.exp(torch.tensor(1.5, dtype=torch.float64)))
+        torch.testing.assert_close(scaled, net(x) * torch.exp(torch.tensor(1.5, dtype=torch.float64)),
+                                   atol=1e-12, rtol=1e-12)
 
 
 def test_glow_cnn_rejects_bad_params(plugins):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import flowkit
+from flowkit.testing import check_prior
 from flowkit_plugins.priors.learned_gaussian import LearnedGaussian
 
 
@@ -68,3 +69,12 @@ def test_wrong_latent_shape_is_refused():
 def test_per_must_be_channel_or_element():
     with pytest.raises(flowkit.RecipeError, match="per"):
         flowkit.build("prior", "learned_gaussian", in_shape=(2, 3, 3), per="pixel")
+
+
+@pytest.mark.parametrize("per", ["channel", "element"])
+def test_contract_check_per_channel_and_per_element(per):
+    prior = flowkit.build("prior", "learned_gaussian", in_shape=(2, 3, 3), per=per).double()
+    with torch.no_grad():
+        prior.loc.normal_()
+        prior.log_scale.normal_(std=0.5)
+    check_prior(prior, diagonal_gaussian=True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import flowkit
-from flowkit.testing import check_gradients, randomize_
+from flowkit.testing import check_gradients, check_prior, randomize_
 from flowkit_plugins.priors.conditional_gaussian import ConditionalGaussian
 from flowkit_plugins.priors.gaussian import StandardGaussian
 
@@ -177,3 +177,11 @@ def test_vector_context_requires_the_exact_latent_shape() -> None:
         prior.log_prob(torch.zeros(2, 3, 4, 2, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64))
     with pytest.raises(flowkit.ShapeError, match=r"context of shape \(B, 5\), got \(2, 4\)"):
         prior.log_prob(torch.zeros(2, *SHAPE, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("context_shape", "hidden"), CASES, ids=IDS)
+def test_contract_check_with_every_kind_of_context(context_shape: tuple[int, ...], hidden: int) -> None:
+    # Its normaliser against the curvature of its own log_prob, its samples' spread, rows, gradients.
+    prior = randomize_(_build(context_shape, hidden), scale=0.3, generator=torch.Generator().manual_seed(7))
+    _, context = _inputs(context_shape)
+    check_prior(prior, context, diagonal_gaussian=True)
