@@ -60,10 +60,10 @@ _startup_plugins = None
 def _add_commands() -> None:
     """The core's commands, then the plugins' (``flowkit_add_commands``: ``superres`` comes from
     the wavelet_flow plugin). Plugins are loaded for this, so a broken plugin is reported here."""
-    from flowkit.cli import parts, plugins_cmd, run, sample
+    from flowkit.cli import ablate, inspect_cmd, parts, plugins_cmd, run, sample
     from flowkit.plugins import make_plugins
 
-    for module in (run, sample, parts, plugins_cmd):
+    for module in (run, sample, ablate, inspect_cmd, parts, plugins_cmd):
         module.register(cli)
     global _startup_plugins
     _startup_plugins = make_plugins()

@@ -41,6 +41,9 @@ class TrainParams:
     level: int = param(-1, "train one parameter group alone (a Wavelet Flow level, 0 = base); -1: all")
     init_batch_size: int = param(512, "images for the data-dependent (actnorm) initialisation")
     eval_every: int = param(0, "evaluate the test set every N steps (0: only at the end)")
+    eval_every_seconds: float = param(
+        0.0, "also evaluate every this many seconds of training, for learning curves (0: off)")
+    eval_images: int = param(0, "test images of the periodic evaluations: the first N, a fixed subset (0: all)")
     eval_batch_size: int = param(500, "images per evaluation batch")
     log_every: int = param(50, "write a metrics.jsonl line every N steps")
     checkpoint_every: int = param(0, "write a checkpoint every N steps (0: only at the end)")
@@ -55,11 +58,11 @@ class TrainParams:
         for key in ("batch_size", "init_batch_size", "eval_batch_size", "log_every", "level_threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} = {getattr(self, key)} must be at least 1.")
-        for key in ("steps", "warmup_steps", "eval_every", "checkpoint_every", "threads"):
+        for key in ("steps", "warmup_steps", "eval_every", "checkpoint_every", "threads", "eval_images"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} = {getattr(self, key)} must be >= 0.")
-        if self.minutes < 0 or self.lr <= 0 or self.grad_clip < 0:
-            raise ValueError("minutes and grad_clip must be >= 0 and lr > 0.")
+        if self.minutes < 0 or self.lr <= 0 or self.grad_clip < 0 or self.eval_every_seconds < 0:
+            raise ValueError("minutes, grad_clip and eval_every_seconds must be >= 0 and lr > 0.")
         if self.steps == 0 and self.minutes == 0:
             raise ValueError("set a budget: steps > 0 or minutes > 0.")
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,5 +51,7 @@ def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple
         with seeded(session, seed):
             y, overflowed[f"T{temperature:g}"] = saturate(session.model.sample(n, temperature=float(temperature)))
         scale = max(1, 128 // session.dataset.shape[1])
-        paths.append(save_png(grid(to_uint8(y, session.n_bits)), out_dir / f"{prefix}-T{temperature:g}.png", scale))
+        images = to_uint8(y, session.n_bits)
+        paths.append(save_png(grid(images), out_dir / f"{prefix}-T{temperature:g}.png", scale))
+        np.save(out_dir / f"{prefix}-T{temperature:g}.npy", images)  # NHWC uint8, for comparison mosaics
     return paths, overflowed

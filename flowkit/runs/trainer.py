@@ -87,6 +87,7 @@ class Trainer:
         )
         self.state = TrainState()
         self.term_threads: TermThreads | None = None  # only while train() runs
+        self.next_eval_seconds = math.inf  # train.eval_every_seconds: when the next curve point is due
 
     def _select_groups(self) -> tuple[dict[str, list[torch.nn.Parameter]], list[str] | None]:
         groups = {n: p for n, p in self.s.model.parameter_groups().items() if p}
@@ -191,9 +192,27 @@ class Trainer:
             self.checkpoint()
         self.reporter.finish()
 
+    def periodic_evaluation(self) -> None:
+        """The test bits/dim during training, on the first ``eval_images`` test images (a fixed
+        subset and fixed noise, so points of a curve are comparable), logged with the step, the
+        training seconds and the images seen; its own time is not training time."""
+        cfg, s, st = self.cfg, self.s, self.state
+        x = s.test_x[: cfg.eval_images] if cfg.eval_images else s.test_x
+        with self.term_threads.all_cores() if self.term_threads else contextlib.nullcontext():
+            result = evaluate(s, x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1,
+                              alone=self.parts[0] if self.parts else None)
+        self.rundir.log({"step": st.step, "train_seconds": round(st.train_seconds, 3), "images": st.images,
+                         "eval_images": len(x), **{f"test_{k}": v for k, v in result.items()}})
+        self.reporter.message(f"step {st.step}: test " + ", ".join(
+            f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+        if cfg.eval_every_seconds:
+            self.next_eval_seconds = (math.floor(st.train_seconds / cfg.eval_every_seconds) + 1) * cfg.eval_every_seconds
+
     def _steps(self) -> None:
         """Training steps until the budget is spent."""
         cfg, s, st = self.cfg, self.s, self.state
+        every = cfg.eval_every_seconds
+        self.next_eval_seconds = (math.floor(st.train_seconds / every) + 1) * every if every else math.inf
         data = batches(len(s.train_x), cfg.batch_size, cfg.seed, st.step)
         window = 0.0
         while not self.done():
@@ -228,11 +247,9 @@ class Trainer:
                                  "lr": lr, "images_per_s": cfg.log_every * len(x) / max(window, 1e-9),
                                  "train_seconds": round(st.train_seconds, 3)})
                 window = 0.0
-            if cfg.eval_every and st.step % cfg.eval_every == 0 and not self.done():
-                with self.term_threads.all_cores() if self.term_threads else contextlib.nullcontext():
-                    result = evaluate(s, s.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1,
-                                      alone=self.parts[0] if self.parts else None)
-                self.rundir.log({"step": st.step, **{f"test_{k}": v for k, v in result.items()}})
-                self.reporter.message(f"step {st.step}: test " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+            by_steps = cfg.eval_every and st.step % cfg.eval_every == 0
+            by_time = cfg.eval_every_seconds and st.train_seconds >= self.next_eval_seconds
+            if (by_steps or by_time) and not self.done():
+                self.periodic_evaluation()
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.checkpoint()

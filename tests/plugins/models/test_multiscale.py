@@ -38,7 +38,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_log_prob_is_the_sum_of_its_parts_whose_dims_add_up_to_d(name):
+def test_parts_are_named_by_level_and_their_dims_add_up_to_d(name):
     in_shape, params = CONFIGS[name]
     model = _ready(_model(in_shape, **params), in_shape)
     y = torch.rand(3, *in_shape)
@@ -48,8 +48,8 @@ def test_log_prob_is_the_sum_of_its_parts_whose_dims_add_up_to_d(name):
     assert list(parts)[-1] == "top"
     assert sum(dims.values()) == math.prod(in_shape)
     assert all(d > 0 for d in dims.values())
-    torch.testing.assert_close(model.log_prob(y), sum(parts.values()), atol=1e-5, rtol=1e-6)
-    assert all(t.shape == (3,) and torch.isfinite(t).all() for t in parts.values())
+    # What the terms are worth is checked against independent references in
+    # test_multiscale_reference.py (the generative pass, a brute-force log-det).
 
 
 def test_part_dims_are_the_factored_out_dimensions_of_glow_on_cifar_shapes():

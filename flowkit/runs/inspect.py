@@ -1,0 +1,91 @@
+"""What a recipe builds, without data or training: parameters per part, and an estimate of the
+activation memory of a training step per image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowkit.build import Builder
+from flowkit.errors import FlowkitError, ShapeError
+from flowkit.plugins import Plugins
+from flowkit.recipes.load import Recipe
+
+
+@dataclass
+class Inspection:
+    shape: tuple[int, int, int]
+    params: int
+    parts: dict[str, int]  # module path -> parameters (model.* and dequantizer.*, two levels deep)
+    activation_bytes_per_image: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "params": self.params, "parts": self.parts,
+                "activation_bytes_per_image": self.activation_bytes_per_image}
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parts_of(module: nn.Module, prefix: str, depth: int = 2) -> dict[str, int]:
+    """Parameters of the submodules ``depth`` levels down (fewer where a branch ends)."""
+    children = [(name, child) for name, child in module.named_children() if count(child)]
+    if depth == 0 or not children:
+        return {prefix: count(module)}
+    out = {}
+    for name, child in children:
+        out.update(parts_of(child, f"{prefix}.{name}", depth - 1))
+    own = count(module) - sum(count(c) for _, c in children)
+    if own:
+        out[f"{prefix} (own)"] = own
+    return out
+
+
+def dataset_shape(recipe: Recipe, build: Builder) -> tuple[int, int, int]:
+    try:
+        return build(recipe.data).shape
+    except FlowkitError as exc:
+        raise FlowkitError(f"{exc} Give the image shape with --shape C,H,W to inspect without the data.") from None
+
+
+def activation_bytes(model: nn.Module, dequantizer: nn.Module, shape: tuple[int, int, int], n_bits: int) -> int:
+    """Bytes of the outputs of every leaf module in one training forward pass of one image (what
+    autograd keeps, roughly; a lower bound where modules keep more than their outputs)."""
+    total = 0
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                total += tensor.numel() * tensor.element_size()
+
+    leaves = [m for m in [*model.modules(), *dequantizer.modules()] if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        x = torch.randint(0, 2**n_bits, (1, *shape), dtype=torch.uint8)
+        y, log_q = dequantizer(x, n_bits)
+        (model.log_prob(y) - log_q).sum()
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def inspect(recipe: Recipe, plugins: Plugins, *, shape: tuple[int, int, int] | None = None,
+            memory: bool = True) -> Inspection:
+    build = Builder(plugins.registries)
+    shape = shape or dataset_shape(recipe, build)
+    torch.manual_seed(recipe.train.seed)
+    try:
+        model = build(recipe.model, in_shape=shape)
+        dequantizer = build(recipe.dequantizer, in_shape=shape)
+    except ShapeError as exc:
+        raise FlowkitError(f"{recipe.source}: [model] does not fit images of shape {shape}: {exc}") from None
+    parts = {**parts_of(model, "model"), **parts_of(dequantizer, "dequantizer")}
+    parts = {k: v for k, v in parts.items() if v}
+    act = activation_bytes(model, dequantizer, shape, recipe.data.params.n_bits) if memory else None
+    return Inspection(tuple(shape), count(model) + count(dequantizer), parts, act)
