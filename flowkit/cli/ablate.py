@@ -17,17 +17,19 @@ def register(cli: click.Group) -> None:
     @click.option("--jobs", type=click.IntRange(min=1), help="Runs at a time with the local executor.")
     @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
                   help="local: child processes here; slurm: one job per run through submitit ([slurm] table).")
+    @click.option("--cluster", type=click.Choice(["slurm", "local"]),
+                  help="With --executor slurm: override [slurm] cluster (local: submitit's jobs run here).")
     @click.option("--retry-failed", is_flag=True, help="Run failed runs again (they are kept failed otherwise).")
     @click.pass_context
     def ablate(ctx: click.Context, ablation: Path, preset: str | None, out: Path | None, jobs: int | None,
-               executor: str, retry_failed: bool) -> None:
+               executor: str, cluster: str | None, retry_failed: bool) -> None:
         """Run the variants of ABLATION at one budget over seeds, then write report.md, report.json,
         report.csv and plots. Rerunning resumes: finished runs are kept, interrupted ones resume."""
         from flowkit.cli import get_plugins
         from flowkit.runs.ablation import run_ablation
 
         report = run_ablation(ablation, get_plugins(ctx).registries, preset=preset, out=out, jobs=jobs,
-                              executor=executor, retry_failed=retry_failed, say=console.print)
+                              executor=executor, cluster=cluster, retry_failed=retry_failed, say=console.print)
         console.print(f"wrote {report}")
 
     @cli.command()

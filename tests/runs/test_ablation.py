@@ -154,6 +154,17 @@ def test_an_ablation_killed_mid_run_resumes_finished_and_interrupted_runs(tmp_pa
     assert "2 finished, 0 to run" in again.output
 
 
+def test_the_couplings_smoke_ablation_through_submitit_writes_a_row_per_coupling_and_plots(tmp_path):
+    out = tmp_path / "out"
+    result = flowkit("ablate", str(ROOT / "recipes" / "ablations" / "couplings.toml"), "--preset", "smoke",
+                     "--executor", "slurm", "--cluster", "local", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    for coupling in ("affine", "additive", "mixlogistic"):
+        assert f"| {coupling} | 7." in md  # a finished row with its bits/dim
+    assert len(list((out / "plots").glob("*.png"))) >= 2 and list((out / "submitit").iterdir())
+
+
 def test_the_slurm_executor_runs_the_jobs_through_submitit(tmp_path):
     path = write(tmp_path, _variants() + '[slurm]\ncluster = "local"\ntimeout_min = 10\n')
     out = tmp_path / "out"
@@ -206,3 +217,13 @@ def test_every_ablation_file_and_preset_resolves(plugins, path):
     for preset in presets:
         ablation = load_ablation(path, plugins.registries, preset=preset)
         assert ablation.runs and not ablation.duplicates, (path.name, preset)
+
+
+def test_a_run_folder_holding_another_recipe_is_refused_not_reported(tmp_path):
+    out = tmp_path / "out"
+    first = write(tmp_path, 'budget = { steps = 1 }\n[[variants]]\nname = "a"\n', "first.toml")
+    assert flowkit("ablate", str(first), "--out", str(out)).exit_code == 0
+    changed = write(tmp_path, 'budget = { steps = 1 }\nset = ["train.lr=2e-3"]\n[[variants]]\nname = "a"\n', "changed.toml")
+    result = subprocess.run([sys.executable, "-m", "flowkit", "ablate", str(changed), "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "was run with another recipe" in result.stderr and "train.lr" in result.stderr

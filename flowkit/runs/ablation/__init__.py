@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,10 +20,13 @@ from flowkit.runs.ablation.spec import Ablation, load_ablation
 
 
 def run_ablation(path: Path, registries: Registries, *, preset: str | None = None, out: Path | None = None,
-                 jobs: int | None = None, executor: str = "local", retry_failed: bool = False,
+                 jobs: int | None = None, executor: str = "local", cluster: str | None = None,
+                 retry_failed: bool = False,
                  say: Callable[[str], None] = print) -> Path:
     """Validates, runs what is not done yet, and writes the report; returns report.md."""
     ablation = load_ablation(path, registries, preset=preset)
+    if cluster is not None:
+        ablation = dataclasses.replace(ablation, slurm=dataclasses.replace(ablation.slurm, cluster=cluster))
     plots.require_matplotlib()  # before hours of training, not after
     if executor == "slurm":
         require_submitit()

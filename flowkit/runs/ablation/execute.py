@@ -55,14 +55,24 @@ def check_same_recipe(run: Run, rundir: Path, registries: Registries) -> None:
     if not path.is_file():
         return
     done = load_recipe(path, registries)
-    if done.to_dict() | {"recipe": {}} != run.recipe.to_dict() | {"recipe": {}}:
-        wanted, found = run.recipe.to_dict(), done.to_dict()
-        keys = [f"{s}.{k}" for s in wanted if isinstance(wanted[s], dict) and s != "recipe"
-                for k in wanted[s] if found.get(s, {}).get(k) != wanted[s][k]]
+    wanted, found = _comparable(run.recipe.to_dict()), _comparable(done.to_dict())
+    if wanted != found:
+        keys = [k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k)]
         raise FlowkitError(
             f"{rundir} was run with another recipe than variant \"{run.variant}\" now resolves to "
-            f"(differs in {', '.join(keys[:5]) or 'train'}); use another --out, or delete that directory."
+            f"(differs in {', '.join(sorted(keys)[:5])}); use another --out, or delete that directory."
         )
+
+
+def _comparable(table: dict) -> dict:
+    """A resolved recipe, flat, without what may differ between invocations of one ablation:
+    its name and description, and the thread count --jobs sets."""
+    flat = {}
+    for section, values in table.items():
+        if section != "recipe" and isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+    flat.pop("train.threads", None)
+    return flat
 
 
 def plan(ablation: Ablation, out: Path, registries: Registries, *, jobs: int,

@@ -178,13 +178,37 @@ def row_record(row: VariantRow, first: VariantRow, target: float | None) -> dict
         "steps": _mean(row.values("steps")),
         "peak_memory_mib": max(row.values("peak_memory_bytes"), default=0) / 2**20 or None,
         "wall_s": _mean(row.values("wall_s")),
-        "time_to_target_s": time_to(row, target) if target is not None else None,
+        "time_to_target_s": time_to(row, target) if target is not None and any(r.ok for r in row.runs) else None,
         "overrides": row.overrides,
         "errors": [f"seed {r.seed}: {r.error}" for r in row.runs if not r.ok],
         "duplicate_of": row.duplicate_of,
         "runs": [str(r.path) for r in row.runs],
     }
     return record
+
+
+#: Beyond this many differing values, variants are different recipes: the list shows the
+#: parts in use and the training settings; report.json has every value.
+SHOWN = 12
+
+
+def _shown_overrides(overrides: dict[str, Any]) -> str:
+    items = {k: v for k, v in overrides.items() if v is not None}
+    if len(items) > SHOWN:
+        kept = {k: v for k, v in items.items() if k.startswith(("train.", "data.")) or k.endswith(".use")
+                and k.count(".") == 1}
+        rest = len(items) - len(kept)
+        return ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in kept.items()) + \
+            f" (and {rest} more values of a different recipe: report.json lists them)"
+    return ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in items.items())
+
+
+def _test_images(rows: list[VariantRow]) -> str:
+    counts = sorted({r.summary.get("test_images") for row in rows for r in row.runs if r.ok} - {None})
+    if not counts:
+        return "the test images"
+    return f"{counts[0]:,} test images" if len(counts) == 1 else "each run's test images (" + \
+        ", ".join(f"{c:,}" for c in counts) + ")"
 
 
 def _mean(values: list[float]) -> float | None:
@@ -218,7 +242,7 @@ def write_report(out: Path, rows: list[VariantRow], *, title: str, description: 
     if description:
         lines += [description, ""]
     lines += [
-        "Test bits/dim: the dequantized bound over all test images and dims, mean ± std over seeds; "
+        f"Test bits/dim: the dequantized bound over {_test_images(rows)} and all their dims, mean ± std over seeds; "
         "Δ: paired difference to the first variant over common seeds, with a 95% interval (Student's t) "
         "where there are two or more.", "",
         "| variant | test bits/dim | train bits/dim | Δ vs first | IW | params | train img/s | steps | peak MiB | wall s | "
@@ -233,11 +257,11 @@ def write_report(out: Path, rows: list[VariantRow], *, title: str, description: 
         lines.append(
             f"| {rec['variant']} | {bpd} | {_fmt(rec['train_bpd_mean'])} | {diff} | {_fmt(rec['test_bpd_iw'])} | {_fmt(rec['params'], 0)} | "
             f"{_fmt(rec['train_images_per_s'], 1)} | {_fmt(rec['steps'], 0)} | {_fmt(rec['peak_memory_mib'], 0)} | "
-            f"{_fmt(rec['wall_s'], 1)} | {'not reached' if reached is None and target else _fmt(reached, 1)} |"
+            f"{_fmt(rec['wall_s'], 1)} | {'not reached' if reached is None and target and rec['seeds'] else _fmt(reached, 1)} |"
         )
     lines += ["", "What distinguishes the variants (resolved values):", ""]
     for rec in records:
-        shown = ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in rec["overrides"].items() if v is not None)
+        shown = _shown_overrides(rec["overrides"])
         lines.append(f"- **{rec['variant']}**: {shown or '(no resolved value differs)'}")
         if rec["duplicate_of"]:
             lines.append(f"  - resolves to the same recipe as **{rec['duplicate_of']}**: not run again.")
