@@ -148,16 +148,22 @@ def resolve_table(
     return apply_overrides(table, overrides)
 
 
+def unknown_sections(table: dict[str, Any], sections: list[str] | tuple[str, ...], what: str) -> list[str]:
+    """One problem per top-level table that is not one of ``sections``, with a did-you-mean."""
+    problems = []
+    for key in table:
+        if key not in sections:
+            close = difflib.get_close_matches(key, list(sections), n=1)
+            hint = f' Did you mean "{close[0]}"?' if close else ""
+            problems.append(f"[{key}] is not {what}.{hint} Sections: {', '.join(sections)}.")
+    return problems
+
+
 def validate_recipe(
     registries: Registries, table: dict[str, Any], source: str, preset: str = "",
     overrides: tuple[str, ...] = (),
 ) -> Recipe:
-    problems: list[str] = []
-    for key in table:
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(key, SECTIONS, n=1)
-            hint = f' Did you mean "{close[0]}"?' if close else ""
-            problems.append(f"[{key}] is not a recipe section.{hint} Sections: {', '.join(SECTIONS)}.")
+    problems = unknown_sections(table, SECTIONS, "a recipe section")
     values: dict[str, Any] = {}
     for section, kind in PART_SECTIONS.items():
         if section not in table:

@@ -32,7 +32,6 @@ loader before anything starts, so a typo in the last variant fails at once, nami
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import re
@@ -43,7 +42,7 @@ from typing import Any, Literal
 
 from flowkit.errors import RecipeError
 from flowkit.params import param
-from flowkit.recipes.load import Recipe, deep_merge, load_recipe, parse_override
+from flowkit.recipes.load import Recipe, deep_merge, load_recipe, parse_override, unknown_sections
 from flowkit.recipes.schema import validate_fields
 from flowkit.recipes.toml_write import _scalar
 from flowkit.registry import Registries
@@ -177,12 +176,7 @@ def load_ablation(path: str | Path, registries: Registries, *, preset: str | Non
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"is not valid TOML: {exc}.", source) from None
-    problems: list[str] = []
-    for key in table:
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(key, SECTIONS, n=1)
-            hint = f' Did you mean "{close[0]}"?' if close else ""
-            problems.append(f"[{key}] is not a section of an ablation file.{hint} Sections: {', '.join(SECTIONS)}.")
+    problems = unknown_sections(table, SECTIONS, "a section of an ablation file")
     presets = table.get("presets", {})
     ablation = table.get("ablation", {})
     if preset:
