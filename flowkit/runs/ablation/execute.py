@@ -21,7 +21,7 @@ from pathlib import Path
 from flowkit.errors import FlowkitError
 from flowkit.recipes.load import load_recipe
 from flowkit.registry import Registries
-from flowkit.runs.ablation.spec import Ablation, Run
+from flowkit.runs.ablation.spec import Ablation, Run, comparable
 
 MANIFEST = "ablation.json"
 
@@ -55,24 +55,15 @@ def check_same_recipe(run: Run, rundir: Path, registries: Registries) -> None:
     if not path.is_file():
         return
     done = load_recipe(path, registries)
-    wanted, found = _comparable(run.recipe.to_dict()), _comparable(done.to_dict())
+    # The seed is part of what must match; the thread count --jobs sets is not.
+    ignore = ("recipe.", "train.threads")
+    wanted, found = comparable(run.recipe.to_dict(), ignore), comparable(done.to_dict(), ignore)
     if wanted != found:
         keys = [k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k)]
         raise FlowkitError(
             f"{rundir} was run with another recipe than variant \"{run.variant}\" now resolves to "
             f"(differs in {', '.join(sorted(keys)[:5])}); use another --out, or delete that directory."
         )
-
-
-def _comparable(table: dict) -> dict:
-    """A resolved recipe, flat, without what may differ between invocations of one ablation:
-    its name and description, and the thread count --jobs sets."""
-    flat = {}
-    for section, values in table.items():
-        if section != "recipe" and isinstance(values, dict):
-            flat.update({f"{section}.{k}": v for k, v in values.items()})
-    flat.pop("train.threads", None)
-    return flat
 
 
 def plan(ablation: Ablation, out: Path, registries: Registries, *, jobs: int,

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowkit.runs.ablation.spec import comparable
+
 #: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96).
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]
-#: Keys that differ between runs without making them different variants.
-NOT_A_VARIANT = ("recipe.", "train.seed", "train.threads")
 
 
 @dataclass
@@ -77,22 +77,11 @@ def read_run(path: Path, variant: str = "", seed: int | None = None, recipe: dic
                      path, summary, recipe, curve, error)
 
 
-def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in table.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
 def distinguishing(rows: list[VariantRow]) -> None:
     """Sets each row's ``overrides``: the resolved values in which the variants differ."""
-    flat = [flatten(row.runs[0].recipe) if row.runs and row.runs[0].recipe else None for row in rows]
+    flat = [comparable(row.runs[0].recipe) if row.runs and row.runs[0].recipe else None for row in rows]
     known = [f for f in flat if f is not None]
-    keys = sorted({k for f in known for k in f if not k.startswith(NOT_A_VARIANT)})
+    keys = sorted({k for f in known for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k)) for f in known}) > 1]
     for row, f in zip(rows, flat, strict=True):
         row.overrides = {k: f.get(k) for k in differing} if f is not None else {}
@@ -104,8 +93,7 @@ def group_by_recipe(paths: list[Path]) -> list[VariantRow]:
     keys: list[str] = []
     for path in paths:
         run = read_run(path)
-        key = json.dumps({k: v for k, v in flatten(run.recipe).items() if not k.startswith(NOT_A_VARIANT)},
-                         sort_keys=True)
+        key = json.dumps(comparable(run.recipe), sort_keys=True)
         if key in keys:
             rows[keys.index(key)].runs.append(run)
         else:

@@ -240,10 +240,25 @@ def load_ablation(path: str | Path, registries: Registries, *, preset: str | Non
     return Ablation(path, preset or "", params, budget, slurm, names, runs, find_duplicates(runs))
 
 
-def _comparable(recipe: Recipe) -> dict[str, Any]:
-    table = recipe.to_dict()
-    table.pop("recipe")
-    return table
+#: Keys that differ between runs without making them different variants.
+NOT_A_VARIANT = ("recipe.", "train.seed", "train.threads")
+
+
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A resolved recipe table as ``{"model.step.coupling.use": ..., ...}``."""
+    out = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def comparable(table: dict[str, Any], ignore: tuple[str, ...] = NOT_A_VARIANT) -> dict[str, Any]:
+    """The flat values of a resolved recipe that tell runs apart, without the ``ignore`` prefixes."""
+    return {k: v for k, v in flatten(table).items() if not k.startswith(ignore)}
 
 
 def find_duplicates(runs: list[Run]) -> dict[str, str]:
@@ -255,7 +270,7 @@ def find_duplicates(runs: list[Run]) -> dict[str, str]:
     seen: list[tuple[str, dict[str, Any]]] = []
     duplicates = {}
     for name, run in first_seed.items():
-        table = _comparable(run.recipe)
+        table = comparable(run.recipe.to_dict())
         twin = next((other for other, t in seen if t == table), None)
         if twin is not None:
             duplicates[name] = twin
