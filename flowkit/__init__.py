@@ -1,11 +1,12 @@
 """flowkit: a plugin-based toolkit for normalizing flows on images.
 
-Public API: `hookimpl` for plugins, the contracts, the errors, `build` and `load_recipe`.
+Public API: `hookimpl` for plugins, the contracts, the errors, `build`, `load_recipe`, `train`
+and `load_run`.
 """
 
 from __future__ import annotations
 
-from flowkit.api import build, ref
+from flowkit.api import build, load_run, ref, train
 from flowkit.contracts import (
     DataParams, Decomposition, DecompositionLayer, DensityModel, Dequantizer, ImageDataset, IndependentTerms, Prior,
     Sequential, SuperResolution, Transform,
@@ -23,7 +24,7 @@ __all__ = [
     "Copies", "DataError", "DataParams", "Decomposition", "DecompositionLayer", "DensityModel", "Dequantizer",
     "Derive", "FlowkitError", "ImageDataset", "IndependentTerms", "InverseNotAvailable", "NoParams", "PartRef",
     "PluginError", "Prior", "RecipeError", "Sequential", "ShapeError", "SuperResolution", "TrainingError",
-    "Transform", "UnknownPartError", "build", "hookimpl", "param", "part_field", "ref",
+    "Transform", "UnknownPartError", "build", "hookimpl", "load_run", "param", "part_field", "ref", "train",
 ]
 
 

@@ -1,14 +1,28 @@
-"""The Python API: build one registered part by name."""
+"""The Python API: build one registered part by name, train a recipe, load a trained run.
+
+`load_run` and `train` import the run engine when called, so ``import flowkit`` stays light
+for plugins. docs/python-api.md walks through them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flowkit.build import Builder
+from flowkit.errors import RecipeError
 from flowkit.kinds import KINDS
 from flowkit.params import PartRef
 from flowkit.plugins import Plugins, make_plugins
 from flowkit.recipes.schema import validate_part
+from flowkit.recipes.toml_write import dumps
+
+if TYPE_CHECKING:
+    import torch
+
+    from flowkit.runs.trained import TrainedRun
+    from flowkit.runs.trainer import Reporter
 
 _default: Plugins | None = None
 
@@ -41,3 +55,61 @@ def ref(kind: str, name: str, *, plugins: Plugins | None = None, **params: Any) 
     """A validated `PartRef`, for composing parts in Python."""
     plugins = plugins or default_plugins()
     return validate_part(plugins.registries, kind, {"use": name, **params}, path=f"{kind}:{name}")
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", *,
+             plugins: Plugins | None = None) -> TrainedRun:
+    """A trained run from its directory, with its model and dequantizer on ``device``:
+    ``run = flowkit.load_run("runs/glow-20261123-101500")``; then ``run.bpd(x)``,
+    ``run.log_prob(x)``, ``run.sample(n, temperature=0.7)`` and, for models that can,
+    ``run.superres(x_low, level)`` (see `flowkit.runs.trained.TrainedRun`). Loads the latest
+    checkpoint, so it works on a run that is still training, too."""
+    from flowkit.runs.trained import TrainedRun, load_trained
+
+    rundir, session = load_trained(Path(run_dir), plugins or default_plugins(), device=device)
+    return TrainedRun(rundir, session)
+
+
+def train(recipe: str | Path, *, overrides: Mapping[str, Any] | Sequence[str] = (), preset: str | None = None,
+          out: str | Path | None = None, overwrite: bool = False, plugins: Plugins | None = None,
+          reporter: Reporter | None = None) -> dict[str, Any]:
+    """Runs a recipe as ``flowkit run`` does (train, evaluate, sample, write the run directory)
+    and returns its summary (summary.json) plus ``run_dir``, the directory it wrote.
+
+    ``overrides``: ``{"train.lr": 3e-4, "model.levels": 2}`` or ``["train.lr=3e-4"]``, as
+    ``--set``; a dict value sets the keys under it (``{"model.step.coupling": {"use": "additive"}}``).
+    ``reporter``: progress callbacks (`flowkit.runs.trainer.Reporter`); default silent.
+    """
+    from flowkit.runs.run import start_run
+    from flowkit.runs.trainer import SilentReporter
+
+    rundir, summary = start_run(Path(recipe), plugins or default_plugins(), reporter or SilentReporter(),
+                                preset=preset, overrides=override_strings(overrides),
+                                out=None if out is None else Path(out), overwrite=overwrite)
+    return {**summary, "run_dir": str(rundir.path)}
+
+
+def override_strings(overrides: Mapping[str, Any] | Sequence[str]) -> tuple[str, ...]:
+    """Python overrides as ``--set`` strings (``key=TOML value``), so the run directory's
+    recipe.toml records them as it records the command line's."""
+    if isinstance(overrides, str):
+        return (overrides,)
+    if not isinstance(overrides, Mapping):
+        return tuple(overrides)
+    items: list[str] = []
+
+    def add(key: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for sub, v in value.items():
+                add(f"{key}.{sub}", v)
+            return
+        try:
+            text = dumps({"v": value}).removeprefix("v = ").strip()
+        except TypeError:
+            raise RecipeError(f"override {key} = {value!r} is not a value a recipe can hold; use a bool, int, "
+                              "float, string, or a list of them.") from None
+        items.append(f"{key}={text}")
+
+    for key, value in overrides.items():
+        add(str(key), value)
+    return tuple(items)

@@ -22,8 +22,13 @@ class FlowkitGroup(click.Group):
     """Turns flowkit errors into one clean paragraph and an exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from flowkit.runs.signals import RunInterrupted
+
         try:
             return super().invoke(ctx)
+        except RunInterrupted as exc:  # not an error: the one line says how to continue
+            err_console.print(f"[bold yellow]{escape(str(exc))}[/]", soft_wrap=True)
+            sys.exit(exc.exit_code)
         except FlowkitError as exc:
             if traceback_requested():
                 traceback.print_exc()
@@ -50,7 +55,11 @@ def get_plugins(ctx: click.Context):  # noqa: ANN201 - returns flowkit.plugins.P
     root.obj = root.obj or {}
     if "plugins" not in root.obj:
         extra = root.obj.get("plugin_modules", ())
-        root.obj["plugins"] = _startup_plugins if (_startup_plugins and not extra) else make_plugins(extra=extra)
+        if _startup_plugins and not extra:
+            root.obj["plugins"] = _startup_plugins
+        else:
+            root.obj["plugins"] = make_plugins(extra=extra)
+            warn_broken(root.obj["plugins"], already=_startup_plugins.broken if _startup_plugins else [])
     return root.obj["plugins"]
 
 
@@ -60,14 +69,15 @@ _startup_plugins = None
 def _add_commands() -> None:
     """The core's commands, then the plugins' (``flowkit_add_commands``: ``superres`` comes from
     the wavelet_flow plugin). Plugins are loaded for this, so a broken plugin is reported here."""
-    from flowkit.cli import ablate, inspect_cmd, parts, plugins_cmd, run, sample
+    from flowkit.cli import ablate, docs_cmd, inspect_cmd, parts, plugins_cmd, report_cmd, run, sample
     from flowkit.plugins import make_plugins
 
-    for module in (run, sample, ablate, inspect_cmd, parts, plugins_cmd):
+    for module in (run, sample, report_cmd, ablate, inspect_cmd, parts, plugins_cmd, docs_cmd):
         module.register(cli)
     global _startup_plugins
     _startup_plugins = make_plugins()
-    _startup_plugins.pm.hook.flowkit_add_commands(cli=cli)
+    _startup_plugins.registries  # noqa: B018 - runs the register hooks: a plugin that raises is broken
+    _startup_plugins.add_commands(cli)
 
 
 def main() -> None:
@@ -76,4 +86,16 @@ def main() -> None:
     except FlowkitError as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
+    warn_broken(_startup_plugins)
     cli(prog_name="flowkit")
+
+
+def warn_broken(plugins, already: list | None = None) -> None:  # noqa: ANN001 - flowkit.plugins.Plugins
+    """One line on stderr per broken plugin (not in ``already``): the command goes on without it."""
+    for broken in plugins.broken:
+        if broken in (already or []):
+            continue
+        if traceback_requested():
+            err_console.print(broken.detail, markup=False, highlight=False)
+        err_console.print(f"[bold yellow]Warning:[/] {escape(broken.label)} {escape(broken.reason)} and is not "
+                          "loaded; `flowkit plugins` lists it.", soft_wrap=True)

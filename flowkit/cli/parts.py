@@ -81,11 +81,11 @@ def example_toml(part: Part) -> str:
     return "\n".join(lines)
 
 
-def _show_default(record: dict[str, Any]) -> str:
+def show_default(record: dict[str, Any]) -> str:
     return "(required)" if record["required"] else _toml_value(record["default"])
 
 
-def _show_type(record: dict[str, Any]) -> str:
+def show_type(record: dict[str, Any]) -> str:
     return f"{record['kind']} part" if record["kind"] else record["type"]
 
 
@@ -141,7 +141,7 @@ def _show_part(registries: Registries, kind: str, name: str, as_json: bool) -> N
         table.add_column("Default", overflow="fold")
         table.add_column("Description", overflow="fold")
         for record in records:
-            table.add_row(record["name"], escape(_show_type(record)), escape(_show_default(record)),
+            table.add_row(record["name"], escape(show_type(record)), escape(show_default(record)),
                           escape(record["doc"]))
         console.print(table)
     else:

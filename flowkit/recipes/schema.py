@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, Literal, get_args, get_origin
 
@@ -66,9 +67,15 @@ def _check_scalar(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         return tuple(items)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan passes every range check (nan < 0 is false)
+                problems.append(f"{key} = {value} should be a finite float; TOML's nan and inf are not allowed.")
+                return None
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:  # TOML's integers are 64-bit; torch's seeds and sizes too
+                problems.append(f"{key} = {value} is outside the 64-bit integer range TOML allows.")
+                return None
             return value
     elif tp in (bool, str):
         if isinstance(value, tp):

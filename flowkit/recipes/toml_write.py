@@ -31,10 +31,18 @@ def _scalar(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+        # A JSON string is a TOML basic string, except that TOML wants DEL escaped too.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_scalar(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def comment(text: str) -> str:
+    """``text`` as one TOML comment line: the control characters a comment cannot hold (a
+    newline would end it) are written as escapes."""
+    return "# " + "".join(c if c == "\t" or c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                          for c in text)
 
 
 def dumps(table: dict[str, Any], _prefix: str = "") -> str:

@@ -11,10 +11,17 @@ from PIL import Image
 from torch import Tensor
 
 
+def to_levels(y: Tensor, n_bits: int) -> Tensor:
+    """Continuous images in [0, 1) → the data level each value falls in, 0..2^n_bits - 1, as a
+    float tensor on the CPU (the inverse of dequantization, y = (x + u) / 2^n_bits)."""
+    levels = 2**n_bits
+    return torch.clamp(torch.floor(y.detach().float().cpu() * levels), 0, levels - 1)
+
+
 def to_uint8(y: Tensor, n_bits: int) -> np.ndarray:
     """Continuous images in [0, 1) → the nearest data level, shown on 0..255. (N,C,H,W) → NHWC."""
     levels = 2**n_bits
-    q = torch.clamp(torch.floor(y.detach().float().cpu() * levels), 0, levels - 1)
+    q = to_levels(y, n_bits)
     pixels = torch.round(q * (255.0 / (levels - 1))).to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).numpy()
 

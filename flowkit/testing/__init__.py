@@ -12,8 +12,10 @@ One check per kind (`flowkit.kinds.KINDS`): `check_transform` (transforms, coupl
 layers make many parts trivial (a coupling is the identity, a conditional prior ignores its
 context), and a check of a trivial part cannot fail: perturb with `randomize_` first.
 
-Tolerances mean what they say: every comparison uses ``atol`` and ``rtol`` as given, with no
-hidden factor. Left as ``None`` they default by dtype (`default_tolerances`):
+Tolerances mean what they say: every comparison passes when ``|actual - expected| <= atol +
+rtol * |expected|`` with ``atol`` and ``rtol`` exactly as given, no hidden factor. Give one and
+the other is 0 (``atol=1e-6`` allows 1e-6, not 1e-6 plus a relative slack). Give neither and
+both default by dtype (`default_tolerances`):
 
 ===========  ========  ========
 dtype        atol      rtol

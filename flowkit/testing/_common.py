@@ -24,9 +24,16 @@ SIGMAS = 6.0
 
 
 def default_tolerances(dtype: torch.dtype, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
-    """``(atol, rtol)``: the given values, or the defaults of ``dtype`` (`TOLERANCES`) for those left ``None``."""
-    default_atol, default_rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-    return (default_atol if atol is None else atol), (default_rtol if rtol is None else rtol)
+    """``(atol, rtol)`` for a check on ``dtype`` data.
+
+    Neither given: the defaults of ``dtype`` (`TOLERANCES`). Either or both given: exactly
+    those, the other one 0. ``check_transform(t, x, atol=1e-6)`` then allows an error of 1e-6
+    and no more: with the float32 default rtol of 1e-4 filled in, an inverse off by 1e-4 on
+    values of order one would pass a check that says 1e-6.
+    """
+    if atol is None and rtol is None:
+        return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    return (0.0 if atol is None else atol), (0.0 if rtol is None else rtol)
 
 
 def _close(actual: Tensor, expected: Tensor, atol: float, rtol: float, what: str) -> None:

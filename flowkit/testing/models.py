@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from flowkit.contracts.dataset import ImageDataset
-from flowkit.contracts.model import DensityModel, IndependentTerms, SuperResolution
-from flowkit.testing._common import check_gradients, check_rows_independent, _close, default_tolerances, _unchanged
+from flowkit.contracts.model import DensityModel, IndependentTerms, LatentVariable, SuperResolution
+from flowkit.testing._common import SIGMAS, check_gradients, check_rows_independent, _close, default_tolerances, _unchanged
 
 
 def check_model(
@@ -31,6 +31,11 @@ def check_model(
     - `SuperResolution`: ``superres(reduce(y, levels), levels)`` and
       ``low_to_image(reduce(y, levels), levels)`` give back ``y``; an image sampled from
       ``reduce(y, j)`` reduces to it again.
+    - `LatentVariable`: the terms are a one-draw bound, so every comparison above calls the
+      model from the same random state; the ``kl`` term may factor out 0 dimensions;
+      ``log_joint_sample`` is ``(B,)``, finite, repeatable from one random state, and its mean
+      over draws equals the mean of ``log_prob`` (both estimate the ELBO) within `SIGMAS`
+      standard errors.
 
     Everything but the gradients runs in eval mode (dropout off); the mode is restored. Call
     ``initialize`` and `randomize_` first.
@@ -50,6 +55,8 @@ def check_model(
         check_gradients(model, -model.log_prob(y).mean())
     finally:
         model.train(was_training)
+    if isinstance(model, LatentVariable):
+        _check_latent_variable(model, y, atol, rtol, was_training)
     if isinstance(model, IndependentTerms):
         _check_independent_terms(model, y, atol, rtol, was_training)
     if isinstance(model, SuperResolution):
@@ -61,6 +68,8 @@ def _check_model_eval(
     atol: float, rtol: float,
 ) -> None:
     y_before = y.clone()
+    stochastic = isinstance(model, LatentVariable)
+    model = _FixedNoise(model) if stochastic else model
     parts = model.log_prob_parts(y)
     _unchanged(y_before, y, "log_prob_parts")
     dims = model.part_dims()
@@ -69,8 +78,10 @@ def _check_model_eval(
     for name, term in parts.items():
         assert term.shape == (batch,), f"term {name} has shape {tuple(term.shape)}, not ({batch},)"
         assert torch.isfinite(term).all(), f"term {name} is not finite: {term.tolist()}"
-    bad = {name: d for name, d in dims.items() if not (isinstance(d, int) and d > 0)}
-    assert not bad, f"part_dims must be positive integers, got {bad}"
+    # A latent-variable model's KL term is over no image dimension.
+    least = 0 if stochastic else 1
+    bad = {name: d for name, d in dims.items() if not (isinstance(d, int) and d >= least)}
+    assert not bad, f"part_dims must be {'non-negative' if stochastic else 'positive'} integers, got {bad}"
     total = math.prod(shape)
     assert sum(dims.values()) == total, f"part_dims {dims} add up to {sum(dims.values())}, not D = {total}"
     log_prob = model.log_prob(y)
@@ -102,6 +113,59 @@ def _check_model_eval(
         if temperature == 0.0:
             torch.testing.assert_close(first, second, atol=atol, rtol=rtol, equal_nan=True,
                                        msg=lambda m: f"sample at temperature 0 is random: {m}")
+
+
+class _FixedNoise:
+    """A `LatentVariable` model whose ``log_prob_parts`` and ``log_prob`` draw from one fixed
+    random state at every call (the global state is left as it was), so that two calls, and row
+    i of two batches of one size, see the same draws; every other attribute is the model's."""
+
+    def __init__(self, model: DensityModel, seed: int = 0) -> None:
+        self._model, self._seed = model, seed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def _seeded(self, fn: Any, y: Tensor) -> Any:
+        with torch.random.fork_rng(devices=[y.device] if y.device.type == "cuda" else []):
+            torch.manual_seed(self._seed)
+            return fn(y)
+
+    def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
+        return self._seeded(self._model.log_prob_parts, y)
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        return self._seeded(self._model.log_prob, y)
+
+
+def _check_latent_variable(model: Any, y: Tensor, atol: float, rtol: float, was_training: bool,
+                           draws: int = 256) -> None:
+    model.eval()
+    try:
+        fixed = _FixedNoise(model)
+        weights = fixed._seeded(model.log_joint_sample, y)
+        assert weights.shape == (y.shape[0],), f"log_joint_sample has shape {tuple(weights.shape)}, not ({y.shape[0]},)"
+        expected = torch.promote_types(y.dtype, torch.float32)
+        assert weights.dtype == expected, f"log_joint_sample is {weights.dtype}, not the promoted {expected}"
+        assert torch.isfinite(weights).all(), f"log_joint_sample is not finite: {weights.tolist()}"
+        _close(fixed._seeded(model.log_joint_sample, y), weights, atol, rtol,
+               "log_joint_sample differs between two calls from one random state")
+        check_rows_independent(lambda v: fixed._seeded(model.log_joint_sample, v), y, atol=atol, rtol=rtol)
+        # Both estimate the ELBO of one image: compare their means over many draws, paired row by
+        # row from one random state (where a model draws z alike in both, the decoder's noise
+        # cancels; the paired standard error is valid either way).
+        repeated = y[:1].expand(draws, *y.shape[1:]).contiguous()
+        with torch.no_grad():
+            bound = fixed._seeded(model.log_prob, repeated).double()
+            joint = fixed._seeded(model.log_joint_sample, repeated).double()
+        gap = float((joint - bound).mean().abs())
+        error = float((joint - bound).std() / draws**0.5)
+        assert gap <= SIGMAS * error + atol + rtol * float(bound.mean().abs()), (
+            f"the mean of log_joint_sample over {draws} draws ({float(joint.mean()):.6g}) is not the mean of "
+            f"log_prob, the ELBO ({float(bound.mean()):.6g}): off by {gap:.3g}, {gap / max(error, 1e-300):.1f} "
+            "standard errors")
+    finally:
+        model.train(was_training)
 
 
 def _check_independent_terms(model: Any, y: Tensor, atol: float, rtol: float, was_training: bool) -> None:

@@ -78,12 +78,48 @@ def test_check_transform_catches_batch_statistics():
 def test_tolerances_are_used_as_given():
     assert default_tolerances(torch.float64) == (1e-10, 1e-8)
     assert default_tolerances(torch.float32) == (1e-5, 1e-4)
-    assert default_tolerances(torch.float64, atol=1e-6) == (1e-6, 1e-8)
+    # One given: exactly that one, the other 0 (not the dtype's default filled in).
+    assert default_tolerances(torch.float64, atol=1e-6) == (1e-6, 0.0)
+    assert default_tolerances(torch.float32, rtol=1e-3) == (0.0, 1e-3)
     x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
     # A 1e-7 log-det error fails at atol = rtol = 1e-8 and passes when the caller allows 1e-6.
     with pytest.raises(AssertionError):
         check_transform(Scale(3, "logdet"), x, atol=1e-8, rtol=1e-8)
     check_transform(Scale(3, "logdet"), x, atol=1e-6, rtol=0)
+
+
+class OffInverse(Transform):
+    """z = 2x; the inverse is off by ``x_error`` in x or ``logdet_error`` in its log-det."""
+
+    def __init__(self, x_error: float = 0.0, logdet_error: float = 0.0) -> None:
+        super().__init__()
+        self.x_error, self.logdet_error = x_error, logdet_error
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logabsdet = torch.full((x.shape[0],), x[0].numel() * math.log(2.0), dtype=torch.promote_types(x.dtype, torch.float32))
+        return 2 * x, logabsdet
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, logabsdet = z / 2 + self.x_error, -self.forward(z)[1] + self.logdet_error
+        return x, logabsdet
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("defect, message", [
+    ({"x_error": 1e-4}, r"inverse\(forward\(x\)\) != x"),  # a round trip off by 1e-4
+    ({"x_error": 5e-5}, r"inverse\(forward\(x\)\) != x"),  # an inverse off by 5e-5
+    ({"logdet_error": 5e-5}, "inverse logabsdet"),          # the inverse's log-det off by 5e-5
+])
+def test_an_explicit_atol_is_the_whole_allowance(dtype, defect, message):
+    # Values of order 3 and a log-det of order 20: under the float32 default rtol (1e-4) filled
+    # in beside atol = 1e-6, each of these errors used to pass.
+    x = (3 + torch.rand(2, 3, 2, 2)).to(dtype)
+    check_transform(OffInverse(), x, atol=1e-6, jacobian=False)
+    with pytest.raises(AssertionError, match=message):
+        check_transform(OffInverse(**defect), x, atol=1e-6, jacobian=False)
+    # The same part passes only when the caller allows the error, in the units given.
+    size = max(defect.values())
+    check_transform(OffInverse(**defect), x, atol=2 * size, jacobian=False)
 
 
 # -- decompositions -------------------------------------------------------------------------

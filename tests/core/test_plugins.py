@@ -6,6 +6,8 @@ Each hook has a ``test_hook_<hook name>`` test here (tests/core/test_docs.py che
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import textwrap
 import tomllib
@@ -141,6 +143,173 @@ def test_disable_wins_over_load(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_empty_allow_list_loads_no_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWKIT_LOAD_PLUGINS", "")
     assert make_plugins().describe() == []
+
+
+# --- broken plugins: reported by name and package, and nothing else breaks ------------------------
+#
+# Each test installs a throwaway distribution the way pip would leave it for importlib.metadata:
+# a <name>-<version>.dist-info folder with METADATA and entry_points.txt, next to the plugin
+# modules, in a temporary folder put first on sys.path (and on PYTHONPATH for the real CLI).
+
+BROKEN_MODULES = {
+    "flowkit_test_import_fails": "import flowkit_test_no_such_dependency\n",
+    "flowkit_test_hook_raises": """
+        from dataclasses import dataclass
+
+        from flowkit import PartRef, hookimpl, param, part_field
+
+
+        @dataclass(frozen=True, kw_only=True)
+        class P:
+            mask: str = param("channel", "which entries condition")
+            parity: int = param(0, "which half is transformed")
+            net: PartRef = part_field("net", "glow_cnn", "conditioner")
+
+
+        @hookimpl
+        def flowkit_register_couplings(register):
+            register("halfway", lambda params, **kwargs: None, params=P)  # registered, then withdrawn
+            raise RuntimeError("the spline tables are missing")
+    """,
+    "flowkit_test_command_raises": """
+        import click
+
+        from flowkit import hookimpl
+
+
+        @hookimpl
+        def flowkit_add_commands(cli):
+            @cli.command()
+            def halfway_command():
+                click.echo("never")
+            raise ValueError("no config file")
+    """,
+    "flowkit_test_misspelt": """
+        from flowkit import hookimpl
+
+
+        @hookimpl
+        def flowkit_register_coupling(register):
+            pass
+    """,
+}
+BROKEN_ENTRY_POINTS = {"import_fails": "flowkit_test_import_fails", "hook_raises": "flowkit_test_hook_raises",
+                       "command_raises": "flowkit_test_command_raises", "misspelt": "flowkit_test_misspelt"}
+
+
+@pytest.fixture
+def broken_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Distribution ``flowkit-test-broken`` 0.3 with four broken plugins, importable from a temp folder."""
+    info = tmp_path / "flowkit_test_broken-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flowkit-test-broken\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(
+        "[flowkit]\n" + "".join(f"{name} = {module}\n" for name, module in BROKEN_ENTRY_POINTS.items()))
+    for module, source in BROKEN_MODULES.items():
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for module in BROKEN_MODULES:
+        sys.modules.pop(module, None)
+
+
+def _broken(plugins: Plugins) -> dict[str, Any]:
+    plugins.registries  # noqa: B018 - runs the register hooks
+    return {b.name: b for b in plugins.broken}
+
+
+def test_broken_plugins_are_recorded_by_name_package_and_reason(broken_dist: Path) -> None:
+    plugins = make_plugins()
+    broken = _broken(plugins)
+    assert set(broken) == {"import_fails", "hook_raises", "misspelt"}  # command_raises fails only at add_commands
+    for b in broken.values():
+        assert (b.package, b.version) == ("flowkit-test-broken", "0.3")
+    assert broken["import_fails"].reason == (
+        "failed to import (ModuleNotFoundError: No module named 'flowkit_test_no_such_dependency')")
+    assert broken["hook_raises"].reason == (
+        "raised in flowkit_register_couplings (RuntimeError: the spline tables are missing)")
+    assert "flowkit_register_coupling, which is not a flowkit hook" in broken["misspelt"].reason
+    # Every other plugin loaded, the broken plugins' parts did not.
+    assert {"affine", "additive", "example_shift"} <= set(plugins.registries["coupling"].names())
+    assert "halfway" not in plugins.registries["coupling"]
+    rows = {row["name"]: row for row in plugins.describe()}
+    assert rows["hook_raises"]["error"] == broken["hook_raises"].reason
+    assert "error" not in rows["affine"]
+
+
+def test_a_part_of_a_broken_plugin_is_refused_naming_the_plugin(broken_dist: Path) -> None:
+    plugins = make_plugins()
+    with pytest.raises(flowkit.RecipeError) as exc:
+        flowkit.load_recipe(ROOT / "recipes" / "glow.toml", plugins.registries,
+                            overrides=["model.step.coupling.use=halfway"])
+    message = str(exc.value)
+    for text in ('model.step.coupling.use = "halfway" is the coupling of plugin "hook_raises"',
+                 "package flowkit-test-broken 0.3", "RuntimeError: the spline tables are missing"):
+        assert text in message, message
+    # A name nobody registered lists the plugins that failed before registering anything.
+    with pytest.raises(flowkit.UnknownPartError) as exc:
+        plugins.registries.part("coupling", "nobody_registers_this")
+    assert 'plugin "import_fails" (package flowkit-test-broken 0.3), which failed to import' in str(exc.value)
+
+
+def test_a_command_hook_that_raises_adds_no_command(broken_dist: Path) -> None:
+    group = click.Group("flowkit")
+    plugins = make_plugins()
+    plugins.registries  # noqa: B018
+    plugins.add_commands(group)
+    assert "superres" in group.commands  # the wavelet_flow plugin's command
+    assert "halfway-command" not in group.commands
+    assert {b.name for b in plugins.broken} >= {"command_raises"}
+
+
+def test_disable_plugins_still_blocks_broken_plugins(broken_dist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWKIT_DISABLE_PLUGINS", "import_fails,hook_raises,misspelt")
+    plugins = make_plugins()
+    assert _broken(plugins) == {}
+    assert "import_fails" not in {row["name"] for row in plugins.describe()}
+
+
+def _flowkit(args: list[str], pythonpath: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(pythonpath), "FLOWKIT_DEBUG": "", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "flowkit", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("Warning:")]
+
+
+def test_cli_help_works_beside_broken_plugins_with_one_warning_line_each(broken_dist: Path) -> None:
+    result = _flowkit(["--help"], broken_dist)
+    assert result.returncode == 0, result.stderr
+    assert "Commands:" in result.stdout and "Traceback" not in result.stderr
+    warnings = _warnings(result.stderr)
+    assert len(warnings) == 4 and len(result.stderr.splitlines()) == 4, result.stderr
+    assert any('plugin "import_fails" (package flowkit-test-broken 0.3) failed to import' in w for w in warnings)
+
+
+def test_plugins_command_lists_broken_plugins(cli: click.Group, broken_dist: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    startup = make_plugins()
+    startup.registries  # noqa: B018 - as the CLI's startup does
+    monkeypatch.setattr(flowkit.cli, "_startup_plugins", startup)
+    rows = {row["name"]: row for row in json.loads(_invoke(cli, ["plugins", "--json"]).stdout)}
+    assert {name for name, row in rows.items() if "error" in row} == {"import_fails", "hook_raises", "misspelt"}
+    table = _invoke(cli, ["plugins"]).stdout
+    assert "3 broken plugin(s), not loaded" in table
+    assert "│ broken " in next(line for line in table.splitlines() if line.startswith("│ hook_raises "))
+    result = _invoke(cli, ["run", "recipes/glow.toml", "--preset", "smoke", "--set",
+                           "model.step.coupling.use=halfway", "--out", str(broken_dist / "refused")])
+    assert result.exit_code == 2
+    assert 'is the coupling of plugin "hook_raises" (package flowkit-test-broken 0.3)' in result.stderr
+    assert not (broken_dist / "refused").exists()
+
+
+def test_cli_run_works_beside_broken_plugins(broken_dist: Path, tmp_path: Path) -> None:
+    result = _flowkit(["run", "recipes/glow.toml", "--preset", "smoke", "--out", str(tmp_path / "run")], broken_dist)
+    assert result.returncode == 0, result.stderr
+    assert len(_warnings(result.stderr)) == 4
+    assert (tmp_path / "run" / "summary.json").is_file()
 
 
 # --- temporary plugins through the CLI ----------------------------------------------------------

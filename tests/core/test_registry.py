@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import pytest
 
-from flowkit import NoParams, PluginError, UnknownPartError, hookimpl, param
+from flowkit import NoParams, PartRef, PluginError, UnknownPartError, hookimpl, param, part_field
 from flowkit.plugins import LOCAL, make_plugins
 from flowkit.registry import RegisterFn, Registries, Registry, make_register
 
@@ -59,19 +61,27 @@ def test_duplicate_name_names_both_plugins_and_packages() -> None:
         assert text in message
 
 
-def test_duplicate_between_two_plugins_fails_when_collected() -> None:
-    plugins = make_plugins(entry_points=False, extra=[_CouplingPlugin("spline"), _CouplingPlugin("spline")])
-    with pytest.raises(PluginError, match='coupling "spline" is registered twice') as exc:
-        plugins.registries  # noqa: B018 - collecting the registries runs the hooks
+def test_duplicate_between_two_plugins_breaks_the_second_and_the_name() -> None:
+    first, second = _CouplingPlugin("spline"), _CouplingPlugin("spline")
+    plugins = make_plugins(entry_points=False, extra=[first, second, _CouplingPlugin("other")])
+    registries = plugins.registries  # collecting runs the hooks; a duplicate stops nothing else
+    assert [b.stage for b in plugins.broken] == ["flowkit_register_couplings"]
+    assert 'coupling "spline" is registered twice' in plugins.broken[0].error
+    assert "other" in registries["coupling"] and "spline" not in registries["coupling"]
+    assert "spline" not in registries["coupling"].names()
+    # Neither registration wins: a recipe naming it gets the error, naming both plugins.
+    with pytest.raises(UnknownPartError, match='"spline" cannot be used: coupling "spline" is registered twice') as exc:
+        registries.part("coupling", "spline")
     assert str(exc.value).count(LOCAL) == 2
 
 
 def test_duplicate_of_a_builtin_names_package_flowkit() -> None:
     plugins = make_plugins(extra=[_HaarPlugin()])
-    with pytest.raises(PluginError, match='decomposition "haar" is registered twice') as exc:
-        plugins.registries  # noqa: B018
+    with pytest.raises(UnknownPartError, match='decomposition "haar" is registered twice') as exc:
+        plugins.registries.part("decomposition", "haar")
     assert "package flowkit 0.1.0" in str(exc.value)
     assert f"package {LOCAL}" in str(exc.value)
+    assert "db2" in plugins.registries["decomposition"]
 
 
 @pytest.mark.parametrize("name", ["Affine", "1x1", "my-coupling", "my coupling", "", "_private", "affine!"])
@@ -156,3 +166,75 @@ def test_registry_iterates_sorted_by_name() -> None:
     registry = _registry("zeta", "alpha", "mid")
     assert [p.name for p in registry] == ["alpha", "mid", "zeta"]
     assert "mid" in registry and "nope" not in registry
+
+
+# --- Params field types: refused when registered, not when a recipe first sets them ----------
+
+
+class _Opaque:
+    """A class no recipe can write down."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _AnyField:
+    mask: str = param("channel", "which entries condition")
+    parity: int = param(0, "which half is transformed")
+    net: PartRef = part_field("net", "glow_cnn", "conditioner")
+    anything: Any = param(None, "an untyped knob")
+
+
+@pytest.mark.parametrize("annotation", [
+    Any, _Opaque, int | None, typing.Optional[str], tuple[int, int], list[int], dict[str, int],
+    Literal["a", 1], tuple[_Opaque, ...], PartRef,
+], ids=repr)
+def test_a_params_field_recipes_cannot_hold_is_refused_at_registration(annotation: Any) -> None:
+    params = dataclass(frozen=True, kw_only=True)(
+        type("OddParams", (), {"__annotations__": {"knob": annotation}, "knob": param(None, "a knob")}))
+    register = make_register(Registry("step"), "thirdparty", "pkg", "1.0")
+    with pytest.raises(PluginError) as exc:
+        register("odd", _factory, params=params)
+    message = str(exc.value)
+    for text in ('Plugin "thirdparty"', 'step "odd"', 'field "knob"', "Params fields may be bool, int"):
+        assert text in message, message
+
+
+@pytest.mark.parametrize("annotation", [bool, int, float, str, Literal["a", "b"], Literal[1, 2], tuple[int, ...],
+                                        tuple[float, ...], tuple[Literal["up", "down"], ...]], ids=repr)
+def test_params_fields_recipes_can_hold_register(annotation: Any) -> None:
+    params = dataclass(frozen=True, kw_only=True)(
+        type("FineParams", (), {"__annotations__": {"knob": annotation}, "knob": param(None, "a knob")}))
+    registry = Registry("step")
+    make_register(registry, "thirdparty", "pkg", "1.0")("fine", _factory, params=params)
+    assert registry.names() == ["fine"]
+
+
+def test_a_nested_part_of_an_unknown_kind_is_refused() -> None:
+    @dataclass(frozen=True, kw_only=True)
+    class Nested:
+        inner: PartRef = part_field("couplings", "affine", "a typo in the kind")
+
+    with pytest.raises(PluginError, match='field "inner" is a nested part of kind "couplings", which is not a kind'):
+        make_register(Registry("step"), "thirdparty", "pkg", "1.0")("nested", _factory, params=Nested)
+
+
+class _AnyPlugin:
+    @hookimpl
+    def flowkit_register_couplings(self, register: RegisterFn) -> None:
+        register("anyspline", _factory, params=_AnyField)
+
+
+def test_a_plugin_registering_an_unholdable_field_is_broken_and_named_by_recipes() -> None:
+    plugins = make_plugins(extra=[_AnyPlugin()])
+    plugins.registries  # noqa: B018 - collecting the registries runs the hooks
+    (broken,) = plugins.broken
+    assert broken.parts == ("coupling:anyspline",)
+    assert 'field "anything" has type typing.Any' in broken.reason
+    with pytest.raises(UnknownPartError) as exc:
+        plugins.registries.part("coupling", "anyspline")
+    assert broken.name in str(exc.value) and 'field "anything"' in str(exc.value)
+    assert "affine" in plugins.registries["coupling"]
+
+
+def test_every_builtin_params_field_is_one_recipes_can_hold(plugins) -> None:  # noqa: ANN001
+    assert len(list(plugins.registries.all_parts())) > 20
+    assert plugins.broken == []

@@ -1,7 +1,9 @@
-"""Checkpoints: round trip, pruning, and ``latest.json`` naming a complete checkpoint at every instant."""
+"""Checkpoints: round trip, pruning, ``latest.json`` naming a complete checkpoint at every
+instant, files synced before they are published, and damaged files detected and named."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +15,16 @@ import torch
 from torch import nn
 
 from flowkit.errors import FlowkitError
-from flowkit.runs.checkpoint import KEEP, latest_checkpoint, load_checkpoint, save_checkpoint
+from flowkit.runs import checkpoint as checkpoint_module
+from flowkit.runs.checkpoint import (
+    KEEP,
+    CheckpointError,
+    checkpoint_to_resume,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 
 
 def make_parts(seed: int) -> tuple[dict[str, nn.Module], torch.optim.Optimizer]:
@@ -217,3 +228,177 @@ def test_a_checkpoint_folder_removed_by_hand_is_reported_not_loaded(tmp_path: Pa
     shutil.rmtree(path)
     with pytest.raises(FlowkitError, match="does not exist"):
         latest_checkpoint(tmp_path)
+
+
+# -- durability: synced before published ---------------------------------------------------
+
+
+def test_every_file_and_its_folder_are_synced_before_the_rename_that_publishes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = checkpoint_module._fsync, os.replace
+    monkeypatch.setattr(checkpoint_module, "_fsync", lambda path: (events.append(("fsync", str(path))),
+                                                                   real_fsync(path))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", f"{a} -> {b}")), real_replace(a, b))[1])
+    final = save(tmp_path, 1, seed=1)
+    publish = next(i for i, (kind, what) in enumerate(events) if kind == "replace" and what.endswith(str(final)))
+    tmp = events[publish][1].split(" -> ")[0]
+    synced_before = {what for kind, what in events[:publish] if kind == "fsync"}
+    assert {f"{tmp}/{name}" for name in checkpoint_module._FILES} | {tmp} <= synced_before
+    after = [what for kind, what in events[publish + 1:] if kind == "fsync"]
+    assert str(tmp_path) in after, "the folder holding the renamed checkpoint is synced after the rename"
+    pointer = next(i for i, (kind, what) in enumerate(events) if kind == "replace" and what.endswith("latest.json"))
+    assert pointer > publish and ("fsync", str(tmp_path)) in events[pointer + 1:], "latest.json's rename is synced"
+
+
+# -- integrity: damaged files are detected and named ----------------------------------------
+
+
+def test_state_json_records_the_size_and_sha256_of_every_tensor_file(tmp_path: Path) -> None:
+    path = save(tmp_path, 1, seed=1)
+    files = json.loads((path / "state.json").read_text())["files"]
+    assert set(files) == {"weights.safetensors", "optimizer.safetensors", "trainer.safetensors"}
+    for name, want in files.items():
+        data = (path / name).read_bytes()
+        assert want == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-7])
+
+
+def flip_a_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0xFF  # in the tensor data: the safetensors framing stays valid, the sha256 does not
+    file.write_bytes(bytes(data))
+
+
+def garble_header(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[9] = ord("#")  # the first byte after the 8-byte length: the JSON header no longer parses
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "optimizer.safetensors", "trainer.safetensors"])
+@pytest.mark.parametrize(("damage", "reason"), [
+    (truncate, "truncated or overwritten"),
+    (flip_a_byte, "sha256 differs"),
+    (garble_header, "header is not readable"),
+    (Path.unlink, "is missing"),
+])
+def test_a_damaged_file_of_the_latest_checkpoint_is_named_with_the_intact_one_to_resume_from(
+    tmp_path: Path, name: str, damage: Callable[[Path], None], reason: str,
+) -> None:
+    directory = tmp_path / "run" / "checkpoints"
+    save(directory, 1, seed=1)
+    latest = save(directory, 2, seed=2)
+    damage(latest / name)
+    with pytest.raises(CheckpointError) as raised:
+        loaded_seed(directory)
+    message = str(raised.value)
+    assert f"{latest / name} is damaged" in message and reason in message
+    assert f"flowkit run --resume {tmp_path / 'run'} --from-checkpoint step-00000001" in message
+    # The one offered loads.
+    modules, optimizer = make_parts(999)
+    load_checkpoint(checkpoint_to_resume(directory, "step-00000001"), modules, optimizer)
+
+
+def test_sampling_needs_only_intact_weights(tmp_path: Path) -> None:
+    latest = save(tmp_path, 1, seed=1)
+    truncate(latest / "optimizer.safetensors")
+    modules, _ = make_parts(999)
+    load_weights(latest, modules)  # the optimizer's file is not read, so not checked
+    truncate(latest / "weights.safetensors")
+    with pytest.raises(CheckpointError, match="weights.safetensors is damaged"):
+        load_weights(latest, modules)
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("{", "not readable JSON"),
+    ('{"step": 1}', "lacks the step, trainer, optimizer or files"),
+    (None, "state.json is damaged: it is missing"),
+])
+def test_a_damaged_state_json_is_named(tmp_path: Path, content: str | None, reason: str) -> None:
+    latest = save(tmp_path, 1, seed=1)
+    if content is None:
+        (latest / "state.json").unlink()
+    else:
+        (latest / "state.json").write_text(content)
+    with pytest.raises(CheckpointError, match=reason):
+        loaded_seed(tmp_path)
+
+
+def test_a_checkpoint_from_before_digests_still_gets_its_framing_checked(tmp_path: Path) -> None:
+    latest = save(tmp_path, 1, seed=1)
+    state = json.loads((latest / "state.json").read_text())
+    del state["files"]
+    (latest / "state.json").write_text(json.dumps(state))
+    assert loaded_seed(tmp_path) == 1  # intact: loads as before
+    truncate(latest / "weights.safetensors")
+    with pytest.raises(CheckpointError, match="weights.safetensors is damaged: it is .* bytes but its header"):
+        loaded_seed(tmp_path)
+
+
+def test_with_no_intact_checkpoint_left_the_message_says_to_start_again(tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "checkpoints"
+    first = save(directory, 1, seed=1)
+    latest = save(directory, 2, seed=2)
+    flip_a_byte(first / "weights.safetensors")
+    truncate(latest / "trainer.safetensors")
+    with pytest.raises(CheckpointError, match="No intact checkpoint is left") as raised:
+        loaded_seed(directory)
+    assert f"flowkit run {tmp_path / 'run' / 'recipe.toml'} --out NEW_DIR" in str(raised.value)
+
+
+# -- choosing the checkpoint to resume from ---------------------------------------------------
+
+
+def test_the_checkpoint_to_resume_from_is_named_by_folder_or_step(tmp_path: Path) -> None:
+    save(tmp_path, 1, seed=1)
+    save(tmp_path, 2, seed=2)
+    resaved = save(tmp_path, 2, seed=3)  # step-00000002-1 supersedes step-00000002
+    assert checkpoint_to_resume(tmp_path) == resaved
+    assert checkpoint_to_resume(tmp_path, "step-1") == tmp_path / "step-00000001"
+    assert checkpoint_to_resume(tmp_path, "1") == tmp_path / "step-00000001"
+    assert checkpoint_to_resume(tmp_path, "step-00000001") == tmp_path / "step-00000001"
+    assert checkpoint_to_resume(tmp_path, "step-2") == resaved
+    assert checkpoint_to_resume(tmp_path, resaved.name) == resaved
+    for bad in ("step-3", "latest", "step-00000002-7", ""):
+        with pytest.raises(CheckpointError, match="the checkpoints kept are: step-00000001, step-00000002-1"):
+            checkpoint_to_resume(tmp_path, bad)
+
+
+def test_a_run_without_checkpoints_has_nothing_to_resume_from(tmp_path: Path) -> None:
+    assert checkpoint_to_resume(tmp_path / "checkpoints") is None  # the folder does not exist yet
+    (tmp_path / "checkpoints").mkdir()
+    assert checkpoint_to_resume(tmp_path / "checkpoints") is None
+    with pytest.raises(CheckpointError, match="has no checkpoint 'step-1'.*kept are: none"):
+        checkpoint_to_resume(tmp_path / "checkpoints", "step-1")
+
+
+def test_a_published_checkpoint_without_latest_json_is_resumed_from(tmp_path: Path) -> None:
+    """A crash between publishing the first checkpoint and writing latest.json."""
+    first = save(tmp_path, 1, seed=1)
+    (tmp_path / "latest.json").unlink()
+    assert checkpoint_to_resume(tmp_path) == first
+
+
+def test_resuming_from_an_older_checkpoint_replaces_the_later_ones_and_keeps_that_one(tmp_path: Path) -> None:
+    save(tmp_path, 2, seed=2)
+    damaged = save(tmp_path, 4, seed=4)
+    truncate(damaged / "weights.safetensors")
+    # --from-checkpoint step-2: the resumed run's next save is step 3.
+    save(tmp_path, 3, seed=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-00000002", "step-00000003"]
+    assert loaded_seed(tmp_path) == 3
+
+
+def test_a_broken_latest_json_offers_the_checkpoints_kept(tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "checkpoints"
+    save(directory, 1, seed=1)
+    save(directory, 2, seed=2)
+    (directory / "latest.json").write_text('{"step": 2, "pa')
+    with pytest.raises(CheckpointError, match="is not a checkpoint pointer") as raised:
+        latest_checkpoint(directory)
+    assert f"flowkit run --resume {tmp_path / 'run'} --from-checkpoint step-00000002" in str(raised.value)

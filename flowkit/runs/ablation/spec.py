@@ -241,7 +241,7 @@ def load_ablation(path: str | Path, registries: Registries, *, preset: str | Non
 
 
 #: Keys that differ between runs without making them different variants.
-NOT_A_VARIANT = ("recipe.", "train.seed", "train.threads")
+NOT_A_VARIANT = ("recipe.", "train.seed", "train.threads", "log.")  # log.*: where metrics go, not what runs
 
 
 def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

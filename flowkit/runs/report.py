@@ -1,0 +1,206 @@
+"""A run's ``report.md``, made from its files alone: ``summary.json``, ``recipe.toml``,
+``metrics.jsonl`` and ``samples/``.
+
+The run engine writes it at the end of every run and ``flowkit report RUN_DIR`` writes it
+again (after installing matplotlib, say), so both give the same report. The plots go to
+``plots/``: bits/dim by step (training and test), per-level test bits/dim for models whose
+terms are densities of their own (Wavelet Flow's levels), and the sample grids. Without
+matplotlib the report says so and keeps everything else.
+
+The plots use matplotlib's object API (`matplotlib.figure.Figure`), never pyplot: a report
+written from a notebook (`flowkit.train`) must not switch the notebook's backend, which
+``matplotlib.use("Agg")`` in the comparison plots (`flowkit.runs.ablation.plots`) would.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowkit.errors import FlowkitError
+from flowkit.runs.images import grid
+from flowkit.runs.rundir import RunDir
+
+PLOTS = "plots"
+NO_MATPLOTLIB = ("No plots: matplotlib is not installed (`pip install matplotlib`, or "
+                 "`pip install 'flowkit[ablate]'`); `flowkit report RUN_DIR` draws them once it is.")
+_TABLE_KEYS = ("test_bpd", "test_bpd_iw", "iw_samples", "iw_images", "train_bpd", "params", "steps",
+               "train_images_per_s", "peak_memory_bytes", "wall_s", "device", "weights")
+
+
+def part_rows(summary: dict[str, Any]) -> list[tuple[str, float]]:
+    """Per-term figures labelled for what they are (the report and the final table)."""
+    rows = [(f"test bits/dim of {part} (over its own dims)", v) for part, v in summary["test_bpd_per_part"].items()]
+    shares = summary["test_bpd_share_per_part"]
+    if len(shares) > 1:
+        rows += [(f"share of test bits/dim from {part} (-log p term / (D log 2))", v) for part, v in shares.items()]
+    return rows
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def finished_summary(rundir: RunDir) -> dict[str, Any]:
+    summary = rundir.read_summary()
+    if summary.get("status") != "finished":
+        state = f'its summary.json says status "{summary["status"]}"' if "status" in summary \
+            else "it has no summary.json"
+        if summary.get("error"):
+            state += f": {summary['error']}"
+        raise FlowkitError(f"{rundir.path} holds no finished run ({state}); report.md is written for finished "
+                           "runs only.")
+    return summary
+
+
+def write_report(rundir: RunDir) -> tuple[Path, list[Path] | None]:
+    """Writes ``report.md`` (and ``plots/``) of a finished run; returns it and the plots drawn
+    (None when matplotlib is missing)."""
+    summary = finished_summary(rundir)
+    recipe = tomllib.loads(rundir.recipe_path.read_text(encoding="utf-8"))
+    meta = recipe.get("recipe", {})
+    lines = [f"# {meta.get('name', rundir.path.name)}", "", meta.get("description", ""), "",
+             "| metric | value |", "| --- | --- |"]
+    for key in _TABLE_KEYS:
+        if key in summary:
+            value = summary[key]
+            lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    for label, value in part_rows(summary):
+        lines.append(f"| {label} | {value:.4f} |")
+    n = recipe.get("sample", {}).get("n", "?")
+    for temperature, count in summary.get("samples_overflowed", {}).items():
+        lines.append(f"| samples overflowed at {temperature} | {count} of {n} |")
+    lines += ["", f"Density reported: {summary.get('density', '?')}.", "", "## Plots", ""]
+    plots = draw_plots(rundir, summary)
+    if plots is None:
+        lines += [NO_MATPLOTLIB, ""]
+    for path, caption in plots or []:
+        lines += [f"![{caption}]({path.relative_to(rundir.path).as_posix()})", ""]
+    if summary.get("samples"):
+        lines += ["## Sample grids", ""] + [f"![{p}]({p})" for p in summary["samples"]]
+    out = rundir.path / "report.md"
+    out.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    return out, None if plots is None else [path for path, _ in plots]
+
+
+def draw_plots(rundir: RunDir, summary: dict[str, Any]) -> list[tuple[Path, str]] | None:
+    """The plots that have data, with captions; None when matplotlib is missing. Plots of an
+    earlier report are replaced, so none is left over from data that is gone."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    folder = rundir.path / PLOTS
+    folder.mkdir(exist_ok=True)
+    for stale in folder.glob("*.png"):
+        stale.unlink()
+    records = read_metrics(rundir.path / "metrics.jsonl")
+    made = [
+        (bpd_curve(folder / "bpd.png", records), "bits/dim by step"),
+        (per_level_curves(folder / "per_level_bpd.png", records), "test bits/dim of each level over its own dims"),
+        (sample_panels(folder / "samples.png", rundir, summary), "sample grids"),
+    ]
+    return [(path, caption) for path, caption in made if path is not None]
+
+
+def _figure(width: float, height: float):  # noqa: ANN202 - matplotlib.figure.Figure
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _save(fig: Any, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        if ax.get_xlabel() == "step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def bpd_curve(path: Path, records: list[dict[str, Any]]) -> Path | None:
+    """Training bits/dim (the mean over each train.log_every steps), the periodic test
+    evaluations (train.eval_every, on train.eval_images) and the final one (the whole test set)."""
+    train = [(r["step"], r["train_bpd"]) for r in records if _number(r.get("train_bpd"))]
+    periodic = [(r["step"], r["test_bpd"]) for r in records if _number(r.get("test_bpd")) and not r.get("final")]
+    final = [(r["step"], r["test_bpd"]) for r in records if _number(r.get("test_bpd")) and r.get("final")]
+    if not (train or periodic or final):
+        return None
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train (mean over train.log_every steps)")
+    if periodic:
+        ax.plot(*zip(*periodic, strict=True), marker="o", label="test (periodic evaluations)")
+    if final:
+        ax.plot(*zip(*final, strict=True), linestyle="none", marker="*", markersize=12, label="test (final, all images)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits/dim")
+    ax.set_title("Bits/dim during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def per_level_curves(path: Path, records: list[dict[str, Any]]) -> Path | None:
+    """One curve per term that is a density of its own (``test_bpd/<term>`` records)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("test_bpd/") and _number(value):
+                curves.setdefault(key.removeprefix("test_bpd/"), []).append((r["step"], value))
+    if not curves:
+        return None
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    for term, points in curves.items():
+        ax.plot(*zip(*points, strict=True), marker="o", label=term)
+    ax.set_xlabel("step")
+    ax.set_ylabel("test bits/dim over the level's own dims")
+    ax.set_title("Per-level test bits/dim")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def sample_panels(path: Path, rundir: RunDir, summary: dict[str, Any]) -> Path | None:
+    """The run's sample grids side by side, each titled with its temperature and how many of its
+    images overflowed (from the ``.npy`` written beside each PNG)."""
+    panels = []
+    overflowed = summary.get("samples_overflowed", {})
+    for rel in summary.get("samples", []):
+        npy = (rundir.path / rel).with_suffix(".npy")
+        if npy.is_file():
+            images = np.load(npy)
+            label = npy.stem.rpartition("-")[2]  # samples-T0.7 -> T0.7
+            count = f", {overflowed[label]} of {len(images)} overflowed" if label in overflowed else ""
+            panels.append((f"{label[:1]} = {label[1:]}{count}", grid(images)))
+    if not panels:
+        return None
+    fig = _figure(3.2 * len(panels), 3.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, mosaic) in zip(axes, panels, strict=True):
+        ax.imshow(mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)

@@ -1,0 +1,208 @@
+"""A trained run loaded back: its resolved recipe rebuilt and its latest weights in place.
+
+`load_trained` is the one way to load a trained run: ``flowkit sample``, the wavelet_flow
+plugin's ``flowkit superres`` and the Python API (`flowkit.load_run` -> `TrainedRun`) use it.
+
+Images in the Python API are data levels: uint8 tensors ``(B, C, H, W)`` with values
+``0 .. 2^n_bits - 1``, the integers the model is a density of (``run.test_x`` holds the test
+set so; with ``n_bits = 8`` they are ordinary 0..255 images). Every random draw is seeded, by
+default with the seed the run itself used, so a loaded run reproduces the run's figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowkit.errors import FlowkitError, ShapeError
+from flowkit.plugins import Plugins
+from flowkit.recipes.load import Recipe, load_recipe
+from flowkit.runs.checkpoint import latest_checkpoint, load_weights
+from flowkit.runs.images import to_levels
+from flowkit.runs.rundir import RunDir
+from flowkit.runs.sampling import saturate, seeded, super_resolution
+from flowkit.runs.session import Session, build_session
+
+
+def load_trained(run_dir: Path, plugins: Plugins, *, device: str | torch.device | None = None
+                 ) -> tuple[RunDir, Session]:
+    """The run's recipe rebuilt and its latest weights loaded, in eval mode, on ``device`` (default:
+    the recipe's train.device). With train.ema the averaged weights are loaded, as the run
+    evaluated and sampled with them. The caller's random state and torch thread count are left as
+    they were (building a session seeds torch and sets the thread count for training)."""
+    rundir = RunDir.existing(run_dir)
+    recipe = load_recipe(rundir.recipe_path, plugins.registries)
+    if device is not None:
+        recipe = recipe.replace(train=dataclasses.replace(recipe.train, device=str(device)))
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            session = build_session(recipe, plugins)
+    finally:
+        torch.set_num_threads(threads)
+    load_weights(latest_checkpoint(rundir.checkpoints), session.modules(), session.device)
+    if session.average is not None:  # train.ema: the run evaluated and sampled with the average
+        session.average.copy_to_weights()
+    session.model.eval()
+    session.dequantizer.eval()
+    return rundir, session
+
+
+class Samples(NamedTuple):
+    """Images drawn from a model, and how many of them overflowed."""
+
+    images: Tensor  #: (n, C, H, W) uint8 data levels 0..2^n_bits - 1, on the CPU
+    overflowed: int  #: images whose inverse overflowed (non-finite), saturated (`flowkit.runs.sampling.saturate`)
+
+
+class TrainedRun:
+    """A trained run for use from Python (`flowkit.load_run`).
+
+    Attributes: ``path``, ``recipe`` (the resolved `Recipe`), ``model`` and ``dequantizer`` (on
+    ``device``, in eval mode), ``n_bits``, ``shape`` ``(C, H, W)``, ``test_x`` (the test set as
+    data levels) and ``summary`` (summary.json; empty for a run that has not finished).
+
+    The density: ``log_prob(x)`` is the dequantized bound the run reports, in nats per image,
+
+        log P(x) >= log p(y) - D log 2^n_bits - log q(u | x),   y = (x + u) / 2^n_bits,
+
+    for one draw of the dequantization noise u (uniform, or the recipe's learned dequantizer),
+    seeded; ``bpd(x) = -log_prob(x) / (D log 2)``. With the default seed, ``bpd(run.test_x).mean()``
+    is the run's ``test_bpd`` (same noise, same batches; see `flowkit.runs.evaluate.evaluate`).
+
+    Example:
+        >>> run = flowkit.load_run("runs/wavelet_flow_affine-20261123-101500")  # doctest: +SKIP
+        >>> run.bpd(run.test_x[:100]).mean()  # doctest: +SKIP
+        >>> images, overflowed = run.sample(16, temperature=0.7)  # doctest: +SKIP
+    """
+
+    def __init__(self, rundir: RunDir, session: Session) -> None:
+        self.session = session
+        self.path = rundir.path
+        self.summary: dict[str, Any] = rundir.read_summary()
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.session.recipe
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.session.model
+
+    @property
+    def dequantizer(self) -> torch.nn.Module:
+        return self.session.dequantizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.device
+
+    @property
+    def n_bits(self) -> int:
+        return self.session.n_bits
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.session.dataset.shape
+
+    @property
+    def test_x(self) -> Tensor:
+        return self.session.test_x
+
+    def __repr__(self) -> str:
+        return (f"TrainedRun({str(self.path)!r}, model={self.recipe.model.use!r}, shape={self.shape}, "
+                f"n_bits={self.n_bits}, device={str(self.device)!r})")
+
+    # -- density ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def bpd(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> Tensor:
+        """Bits/dim of each image, ``(B,)`` float64 on the CPU (see the class docstring).
+        ``seed``: of the dequantization noise; default the run's test-evaluation seed."""
+        x = self._levels_in(x, self.shape, "x")
+        objective = self.session.objective
+        batch = self.recipe.train.eval_batch_size
+        seed = self.recipe.train.seed + 1 if seed is None else seed
+        out = []
+        with seeded(self.session, seed):
+            for start in range(0, len(x), batch):
+                y, log_q = objective.dequantize(x[start : start + batch].to(self.device))
+                terms = {k: v.double() for k, v in objective.terms(y).items()}
+                out.append(objective.bits_per_dim(terms, torch.as_tensor(log_q).double()).cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def log_prob(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> Tensor:
+        """The dequantized bound on log P(x) in nats per image, ``(B,)`` float64 (class docstring)."""
+        c, h, w = self.shape
+        return -self.bpd(x, seed=seed) * (c * h * w * math.log(2.0))
+
+    # -- sampling --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, *, seed: int | None = None) -> Samples:
+        """``n`` images at ``temperature``; ``seed`` default: the recipe's sample.seed, so that
+        ``sample(sample.n, T)`` gives the run's own grid at T."""
+        if n < 1:
+            raise FlowkitError(f"n = {n}: ask for at least one sample.")
+        seed = self.recipe.sample.seed if seed is None else seed
+        with seeded(self.session, seed):
+            y, overflowed = saturate(self.model.sample(n, temperature=float(temperature)))
+        return Samples(self._levels_out(y), overflowed)
+
+    @torch.no_grad()
+    def downsample(self, x: Tensor | np.ndarray, level: int) -> Tensor:
+        """Images reduced to ``level``'s resolution as the model sees them (its low-pass image,
+        shown by ``low_to_image``), as data levels: the input `superres` takes."""
+        model = self._super_resolution(level)
+        y = (self._levels_in(x, self.shape, "x").to(self.device).float() + 0.5) / 2**self.n_bits
+        return self._levels_out(model.low_to_image(model.reduce(y, level), level))
+
+    @torch.no_grad()
+    def superres(self, x_low: Tensor | np.ndarray, level: int, temperature: float = 1.0, *,
+                 seed: int | None = None) -> Samples:
+        """Full-resolution images sampled given low-resolution ones at ``level`` (0 = the
+        coarsest), for models with the `SuperResolution` capability (Wavelet Flow).
+
+        ``x_low``: ``(B, C, h, w)`` data levels at the level's resolution (`downsample` gives
+        them). They enter as the model's low-pass image of ``x_low`` upsampled by pixel
+        repetition, taken at bin centres: exactly ``x_low`` for a Haar pyramid, whose low-pass
+        image is the block average; a smoothed ``x_low`` for longer wavelets.
+        """
+        model = self._super_resolution(level)
+        c, h, w = self.shape
+        low_shape = tuple(model.low_to_image(model.reduce(torch.zeros(1, c, h, w, device=self.device), level),
+                                             level).shape[1:])
+        x_low = self._levels_in(x_low, low_shape, "x_low")
+        factor = (h // low_shape[1], w // low_shape[2])
+        y_low = (x_low.to(self.device).float() + 0.5) / 2**self.n_bits
+        y_up = y_low.repeat_interleave(factor[0], dim=2).repeat_interleave(factor[1], dim=3)
+        seed = self.recipe.sample.seed if seed is None else seed
+        with seeded(self.session, seed):
+            y, overflowed = saturate(model.superres(model.reduce(y_up, level), level, temperature=float(temperature)))
+        return Samples(self._levels_out(y), overflowed)
+
+    # -- checks and conversions ------------------------------------------------------------
+    def _super_resolution(self, level: int) -> Any:
+        return super_resolution(self.model, self.recipe.model.use, level, "level =")
+
+    def _levels_in(self, x: Tensor | np.ndarray, shape: tuple[int, ...], name: str) -> Tensor:
+        """``x`` checked: uint8 data levels of shape ``(B, *shape)``."""
+        x = torch.as_tensor(x)
+        if x.dtype != torch.uint8:
+            raise FlowkitError(f"{name} must be uint8 data levels 0..{2**self.n_bits - 1}, got dtype {x.dtype}.")
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
+            raise ShapeError(f"{name} must have shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}"
+                             + (f"; for one image use {name}[None]." if x.ndim == 3 else "."))
+        top = int(x.max()) if x.numel() else 0
+        if top >= 2**self.n_bits:
+            raise FlowkitError(f"{name} holds the value {top}, but this run models n_bits = {self.n_bits} "
+                               f"(levels 0..{2**self.n_bits - 1}); reduce images with "
+                               "flowkit.runs.bpd.reduce_bits(x, n_bits) first.")
+        return x
+
+    def _levels_out(self, y: Tensor) -> Tensor:
+        return to_levels(y, self.n_bits).to(torch.uint8)
