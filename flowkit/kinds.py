@@ -27,6 +27,10 @@ class Kind:
         shape_kwargs: the keyword arguments the factory takes besides ``params`` and ``build``.
         assembly_params: parameters every part of the kind must declare, because models set them
             copy by copy when they assemble steps (checked when a plugin registers the part).
+        contexts: the forms of context a part of this kind built with a ``context_shape`` must
+            accept (`flowkit.contracts.context`): ``spatial`` ``(Cc, H, W)`` and ``vector``
+            ``(Cz,)``. Nets take a vector through a zero-initialised projection added to their
+            hidden features; couplings and steps hand either form to their nets unchanged.
     """
 
     name: str
@@ -36,20 +40,25 @@ class Kind:
     section: str | None = None
     shape_kwargs: tuple[str, ...] = ("in_shape", "context_shape")
     assembly_params: tuple[str, ...] = ()
+    contexts: tuple[str, ...] = ()
 
+
+#: Both forms of context (`flowkit.contracts.context`).
+SPATIAL_AND_VECTOR = ("spatial", "vector")
 
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
-        Kind("transform", "flowkit_register_transforms", Transform, "model.step.transform"),
+        Kind("transform", "flowkit_register_transforms", Transform, "model.step.transform",
+             contexts=SPATIAL_AND_VECTOR),
         Kind("decomposition", "flowkit_register_decompositions", Decomposition, "model.decomposition",
              shape_kwargs=()),
         Kind("coupling", "flowkit_register_couplings", Transform, "model.step.coupling",
-             assembly_params=("mask", "parity", "net")),
-        Kind("step", "flowkit_register_steps", Transform, "model.step"),
+             assembly_params=("mask", "parity", "net"), contexts=SPATIAL_AND_VECTOR),
+        Kind("step", "flowkit_register_steps", Transform, "model.step", contexts=SPATIAL_AND_VECTOR),
         Kind("net", "flowkit_register_nets", nn.Module, "model.step.coupling.net",
-             shape_kwargs=("in_shape", "context_shape", "out_channels")),
-        Kind("prior", "flowkit_register_priors", Prior, "model.prior"),
+             shape_kwargs=("in_shape", "context_shape", "out_channels"), contexts=SPATIAL_AND_VECTOR),
+        Kind("prior", "flowkit_register_priors", Prior, "model.prior", contexts=SPATIAL_AND_VECTOR),
         Kind("dequantizer", "flowkit_register_dequantizers", Dequantizer, "dequantizer", section="dequantizer",
              shape_kwargs=("in_shape",)),
         Kind("model", "flowkit_register_models", DensityModel, "model", section="model", shape_kwargs=("in_shape",)),

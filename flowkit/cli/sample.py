@@ -7,40 +7,40 @@ from pathlib import Path
 import click
 
 from flowkit.cli.console import console
+from flowkit.cli.sampling_options import SamplingOptions, mcmc_progress, sampling_options
 
 
 def load_trained(ctx: click.Context, run_dir: Path):  # noqa: ANN201 - (RunDir, Session)
-    """The run's recipe rebuilt and its latest weights loaded (no training data needed beyond the test split)."""
+    """`flowkit.runs.trained.load_trained` with this invocation's plugins (commands of plugins,
+    such as ``flowkit superres``, call it too)."""
     from flowkit.cli import get_plugins
-    from flowkit.recipes.load import load_recipe
-    from flowkit.runs.checkpoint import latest_checkpoint, load_weights
-    from flowkit.runs.rundir import RunDir
-    from flowkit.runs.session import build_session
+    from flowkit.runs.trained import load_trained as load
 
-    rundir = RunDir.existing(run_dir)
-    plugins = get_plugins(ctx)
-    recipe = load_recipe(rundir.recipe_path, plugins.registries)
-    session = build_session(recipe, plugins)
-    load_weights(latest_checkpoint(rundir.checkpoints), session.modules(), session.device)
-    return rundir, session
+    return load(run_dir, get_plugins(ctx))
 
 
 def register(cli: click.Group) -> None:
     @cli.command()
     @click.argument("run_dir", type=click.Path(path_type=Path))
-    @click.option("--n", "n", default=64, show_default=True, help="Images in the grid.")
-    @click.option("--temperature", "temperatures", type=float, multiple=True,
-                  help="Sampling temperature (repeatable; default: the recipe's).")
-    @click.option("--seed", default=None, type=int, help="Seed of the sampling noise.")
+    @sampling_options(n=64, n_help="Images in the grid.")
     @click.pass_context
-    def sample(ctx: click.Context, run_dir: Path, n: int, temperatures: tuple[float, ...], seed: int | None) -> None:
-        """Write sample grids (PNG) from the trained model in RUN_DIR."""
-        from flowkit.runs.sampling import sample_grids
-
+    def sample(ctx: click.Context, run_dir: Path, sampling: SamplingOptions) -> None:
+        """Write sample grids (PNG) from the trained model in RUN_DIR. With --mcmc, annealed
+        samples, each level's chain reported here and in a JSON next to its grid."""
         rundir, session = load_trained(ctx, run_dir)
-        temps = temperatures or session.recipe.sample.temperatures
-        paths, overflowed = sample_grids(session, rundir.samples, n=n, temperatures=temps,
-                             seed=session.recipe.sample.seed if seed is None else seed, prefix="sample")
+        n = sampling.n
+        temps = sampling.temperatures_or(session.recipe.sample.temperatures)
+        seed = sampling.seed_or(session.recipe.sample.seed)
+        if sampling.mcmc is None:
+            from flowkit.runs.sampling import sample_grids
+
+            paths, overflowed = sample_grids(session, rundir.samples, n=n, temperatures=temps, seed=seed,
+                                             prefix="sample")
+        else:
+            from flowkit.runs.mcmc import annealed_grids
+
+            paths, overflowed, _ = annealed_grids(session, rundir.samples, n=n, temperatures=temps, seed=seed,
+                                                  settings=sampling.mcmc, on_level=mcmc_progress(n))
         for path in paths:
             console.print(f"wrote {path}")
         for temperature, count in overflowed.items():

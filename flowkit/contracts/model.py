@@ -1,15 +1,16 @@
 """Density models: what the run engine trains, evaluates and samples, and their optional abilities.
 
 Every model is a `DensityModel`. Abilities only some models have are Protocols
-(`IndependentTerms`, `SuperResolution`): the run engine and the CLI ask
+(`IndependentTerms`, `SuperResolution`, `LatentLevels`, `LatentVariable`): the run engine and the CLI ask
 ``isinstance(model, IndependentTerms)``, never ``hasattr``, and a model declares an ability by
 implementing its methods (subclassing the Protocol as well documents it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ class DensityModel(nn.Module):
     - ``log_prob_parts(y) -> dict[str, (B,)]``: named terms that add up to log p(y), in nats,
       over the whole image (one per Wavelet Flow level, one per Glow level, or ``{"total": ...}``).
     - ``part_dims() -> dict[str, int]``: the dimensions each term factors out; they add up to D.
+      (A `LatentVariable` model's KL term factors out none: 0.)
     - ``log_prob(y) -> (B,)``: their sum.
     - ``sample(n, temperature=1.0) -> (n, C, H, W)``: images on the data scale, *not* clamped:
       values outside ``[0, 1)``, and non-finite values where an inverse overflowed, are left for
@@ -94,3 +96,70 @@ class SuperResolution(Protocol):
     def superres(self, low: Tensor, from_level: int, temperature: float = 1.0) -> Tensor: ...
 
     def low_to_image(self, low: Tensor, level: int) -> Tensor: ...
+
+
+class Generated(NamedTuple):
+    """What a `LatentLevel` makes of latents ``z`` of shape ``(B, *shape)``."""
+
+    out: Tensor  #: the next level's ``given``; after the last level, images ``y`` (unclamped, as `sample`)
+    log_prob: Tensor  #: (B,) log p_base(z | given): the latent's density, in nats
+    logabsdet: Tensor  #: (B,) log|det ∂part/∂z| of the map from z to the image part this level adds
+
+
+@dataclass(frozen=True)
+class LatentLevel:
+    """One level of a `LatentLevels` model, for ``n`` images, given what earlier levels sampled.
+
+    - ``shape``: one latent, without the batch dimension.
+    - ``draw(temperature) -> (n, *shape)``: latents as plain temperature sampling draws them.
+    - ``generate(z) -> Generated``: differentiable in ``z``; the part is an invertible function
+      of ``z`` (``given`` fixed), so log p(part | given) = ``log_prob - logabsdet``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    draw: Callable[[float], Tensor]
+    generate: Callable[[Tensor], Generated]
+
+
+@runtime_checkable
+class LatentLevels(Protocol):
+    """A model that generates images level by level, each level an invertible map from a latent
+    with a tractable density (Wavelet Flow: one level per pyramid level; a multiscale Glow: one
+    level, the whole latent). Annealed sampling by MCMC (`flowkit sample --mcmc`) needs no more.
+
+    - ``latent_levels()``: the level names in generation order (coarse to fine).
+    - ``latent_level(name, given, n)``: that level for ``n`` images, where ``given`` is the
+      ``out`` of the previous level's ``generate`` (``None`` for the first level).
+    """
+
+    def latent_levels(self) -> list[str]: ...
+
+    def latent_level(self, name: str, given: Tensor | None, n: int) -> LatentLevel: ...
+
+
+@runtime_checkable
+class LatentVariable(Protocol):
+    r"""A model with a latent variable ``z`` that its density integrates out (the VAE-flow's
+    global latent), so log p(y) has no closed form and `DensityModel.log_prob_parts` returns
+    the terms of a lower bound instead: the evidence lower bound (ELBO)
+
+    .. math::
+
+        \log p(y) \ge \mathbb{E}_{q(z \mid y)}[\log p(y \mid z)] - \mathrm{KL}(q(z \mid y) \,\|\, p(z)),
+
+    estimated with one draw ``z ~ q(z | y)`` per image from the global random state (as
+    dequantization noise is): the terms of ``log p(y | z)`` and a term ``kl`` holding ``-KL``
+    (closed form, or the one-sample ``log p(z) - log q(z | y)``), with ``part_dims()["kl"] = 0``.
+    The same random state gives the same value; the run engine seeds evaluation, so its
+    bits/dim are of this bound, and it labels them so.
+
+    - ``log_joint_sample(y) -> (B,)``: ``log p(y, z) - log q(z | y)`` for a fresh draw
+      ``z ~ q(z | y)`` per image: one importance weight. Its mean over draws is the ELBO, and
+      ``logsumexp`` over ``k`` draws ``- log k`` is the k-sample importance-weighted bound
+      (Burda et al. 2016), which `flowkit.runs.objective.Objective.iw_log_likelihood` uses in
+      place of ``log_prob(y)`` (with fresh dequantization noise per draw, a bound over z and u).
+    """
+
+    def log_joint_sample(self, y: Tensor) -> Tensor: ...
+

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from flowkit.contracts.dequantizer import Dequantizer
-from flowkit.contracts.model import DensityModel, IndependentTerms
+from flowkit.contracts.model import DensityModel, IndependentTerms, LatentVariable
 from flowkit.runs.bpd import bits_per_dim
 
 
@@ -66,7 +66,9 @@ class Objective:
         r"""``log P(x) ≈ logsumexp_k [log p(y_k) - D log K - log q(u_k | x)] - log k``, nats, (B,).
 
         The k-sample importance-weighted bound of Flow++'s reported figures (Burda et al. 2016):
-        k = 1 is the dequantized bound, and it tightens as k grows.
+        k = 1 is the dequantized bound, and it tightens as k grows. For a `LatentVariable` model
+        (the VAE-flow) ``log p(y_k)`` is its one importance weight ``log p(y_k, z_k) - log q(z_k | y_k)``
+        with a fresh z per sample, so the bound is importance-weighted over both z and u.
         """
         if k < 1:
             raise ValueError(f"--iw-samples {k} must be >= 1.")
@@ -74,5 +76,6 @@ class Objective:
         samples = []
         for _ in range(k):
             y, log_q = self.dequantize(x)
-            samples.append(self.model.log_prob(y).double() - torch.as_tensor(log_q).double() - offset)
+            log_p = self.model.log_joint_sample(y) if isinstance(self.model, LatentVariable) else self.model.log_prob(y)
+            samples.append(log_p.double() - torch.as_tensor(log_q).double() - offset)
         return torch.logsumexp(torch.stack(samples), dim=0) - math.log(k)

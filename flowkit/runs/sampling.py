@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from flowkit.runs.images import grid, save_png, to_uint8
+from flowkit.runs.metrics import MetricsSink
 from flowkit.runs.session import Session
 
 
@@ -41,17 +43,39 @@ def saturate(y: Tensor) -> tuple[Tensor, int]:
 
 @torch.no_grad()
 def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple[float, ...] | list[float],
-                 seed: int, prefix: str = "samples") -> tuple[list[Path], dict[str, int]]:
+                 seed: int, prefix: str = "samples", metrics: MetricsSink | None = None,
+                 step: int = 0, draw: Callable[[float], Tensor] | None = None,
+                 ) -> tuple[list[Path], dict[str, int]]:
     """One PNG grid per temperature: ``<prefix>-T<temperature>.png``; also the number of images
-    per temperature whose inverse overflowed (`saturate`)."""
+    per temperature whose inverse overflowed (`saturate`). With ``metrics`` (a run's sink), each
+    grid is also logged as image ``<prefix>/T<temperature>`` at ``step``. ``draw(temperature)``
+    replaces ``model.sample(n, temperature)`` (annealed sampling, `flowkit.runs.mcmc`)."""
     session.model.eval()
+    draw = draw or (lambda temperature: session.model.sample(n, temperature=temperature))
     paths = []
     overflowed: dict[str, int] = {}
     for temperature in temperatures:
         with seeded(session, seed):
-            y, overflowed[f"T{temperature:g}"] = saturate(session.model.sample(n, temperature=float(temperature)))
+            y, overflowed[f"T{temperature:g}"] = saturate(draw(float(temperature)))
         scale = max(1, 128 // session.dataset.shape[1])
         images = to_uint8(y, session.n_bits)
-        paths.append(save_png(grid(images), out_dir / f"{prefix}-T{temperature:g}.png", scale))
+        mosaic = grid(images)
+        paths.append(save_png(mosaic, out_dir / f"{prefix}-T{temperature:g}.png", scale))
+        if metrics is not None:
+            metrics.image(f"{prefix}/T{temperature:g}", mosaic, step)
         np.save(out_dir / f"{prefix}-T{temperature:g}.npy", images)  # NHWC uint8, for comparison mosaics
     return paths, overflowed
+
+
+def super_resolution(model: Any, name: str, level: int, option: str = "level") -> Any:
+    """``model`` as a `SuperResolution` model that can start at ``level``, or a `FlowkitError`
+    naming the model (``name``, its recipe's ``use``) or the ``option`` that is out of range."""
+    from flowkit.contracts.model import SuperResolution
+    from flowkit.errors import FlowkitError
+
+    if not isinstance(model, SuperResolution):
+        raise FlowkitError(f"model {name} cannot super-resolve (it has no SuperResolution capability); "
+                           "wavelet_flow can.")
+    if not 0 <= level <= model.levels:
+        raise FlowkitError(f"{option} {level} is out of range; this model has levels 0..{model.levels}.")
+    return model

@@ -94,11 +94,27 @@ def test_every_value_of_the_resolved_recipe_is_the_value_built(plugins, path: Pa
     # And every part table of the recipe was built (so none of its values is idle).
     # And every part table of the recipe was built, but templates of which no copy is made
     # (multiscale's bottom_step with bottom_depth = 0): none of its values is idle.
-    unused = [f"{section}.{field}" for section in ("model", "dequantizer")
-              for field, copies in declared_copies(getattr(recipe, section).params).items() if copies.count == 0]
+    unused = _unused_templates(recipe.model, "model") + _unused_templates(recipe.dequantizer, "dequantizer")
     tables = _part_tables(resolved["model"], "model") + _part_tables(resolved["dequantizer"], "dequantizer")
     idle = [t for t in tables if t not in seen and not any(t == u or t.startswith(u + ".") for u in unused)]
     assert not idle, f"part tables of the resolved recipe that were never built: {idle}"
+
+
+def _unused_templates(ref: PartRef, path: str) -> list[str]:
+    """Tables of templates of which no copy is made, at any depth (a nested model's too)."""
+    if ref.params is None:
+        return []
+    out = []
+    copies = declared_copies(ref.params)
+    for f in dataclasses.fields(ref.params):
+        child = getattr(ref.params, f.name)
+        if not isinstance(child, PartRef):
+            continue
+        if f.name in copies and copies[f.name].count == 0:
+            out.append(f"{path}.{f.name}")
+        else:
+            out += _unused_templates(child, f"{path}.{f.name}")
+    return out
 
 
 def _part_tables(table: dict[str, Any], path: str) -> list[str]:

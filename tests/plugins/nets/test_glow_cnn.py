@@ -47,7 +47,8 @@ def test_glow_cnn_context_changes_output(plugins, context_shape):
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     context = torch.randn(2, *context_shape, dtype=torch.float64)
     assert not torch.allclose(net(x, context), net(x, context + 1.0))
-    assert net.conv_in.in_channels == 2 + context_shape[0]
+    # A spatial context is concatenated to the input; a vector one is projected onto the hidden features.
+    assert net.conv_in.in_channels == 2 + (context_shape[0] if len(context_shape) == 3 else 0)
 
 
 def test_glow_cnn_context_errors(plugins):
