@@ -10,9 +10,10 @@ Every field carries a one-line ``metadata={"doc": ...}``; `param` and `part_fiel
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 #: The key of a part's table that lists the values it derives for its copies (written to a
@@ -108,6 +109,65 @@ def params_to_toml(params: Any) -> dict[str, Any]:
     return table
 
 
+# -- what recipes can hold: checked when a plugin registers a part ------------------------------
+
+#: The scalar types a recipe value can have (TOML's, without dates and tables).
+RECIPE_SCALARS: tuple[type, ...] = (bool, int, float, str)
+
+#: The types a Params field may have, in words, for error messages and docs.
+RECIPE_TYPES = ("bool, int, float, str, Literal[...] of one of those, tuple[T, ...] of those, or a nested "
+                "part declared with part_field(kind, ...)")
+
+
+def _type_problem(tp: Any) -> str | None:
+    """Why a recipe cannot hold a value of type ``tp``, or None if it can.
+
+    Mirrors what `flowkit.recipes.schema` validates: a type outside this list registers fine
+    but fails on the first recipe that sets it, so it is refused at registration instead.
+    """
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        kinds = {type(c) for c in choices}
+        if len(kinds) != 1 or not kinds <= set(RECIPE_SCALARS):
+            return f"Literal{list(choices)!r} mixes types or holds values TOML has no type for"
+        return None
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            return f"{tp!r} is a fixed-length tuple; recipes give lists of any length (use tuple[T, ...])"
+        return _type_problem(args[0])
+    if tp in RECIPE_SCALARS:
+        return None
+    return "recipes cannot hold it"
+
+
+def params_field_problems(params_cls: type, kinds: Iterable[str]) -> list[str]:
+    """One sentence per field of ``params_cls`` that no recipe could set (empty when all fit).
+
+    ``kinds`` are the kinds of part a nested part (`part_field`) may name.
+    """
+    try:
+        hints = typing.get_type_hints(params_cls)
+    except Exception as exc:  # noqa: BLE001 - any failure to resolve an annotation is the plugin's bug
+        return [f"its annotations cannot be resolved ({type(exc).__name__}: {exc})"]
+    kinds = set(kinds)
+    problems = []
+    for f in dataclasses.fields(params_cls):
+        tp = hints.get(f.name)
+        if "kind" in f.metadata:
+            if f.metadata["kind"] not in kinds:
+                problems.append(f'field "{f.name}" is a nested part of kind "{f.metadata["kind"]}", which is not a '
+                                f"kind of part (kinds: {', '.join(sorted(kinds))})")
+            continue
+        if tp is PartRef:
+            problems.append(f'field "{f.name}" is a PartRef without part_field(kind, ...): recipes cannot tell '
+                            "which kind of part it names")
+            continue
+        why = _type_problem(tp)
+        if why:
+            problems.append(f'field "{f.name}" has type {tp!r}: {why}')
+    return problems
 
 
 # -- assembly: copies of a nested part, and the values a part derives for each copy -------------
@@ -159,7 +219,11 @@ class AssemblesCopies(Protocol):
 
 
 def declared_copies(params: Any) -> dict[str, Copies]:
-    return params.copies() if isinstance(params, AssemblesCopies) else {}
+    """The copies ``params`` declares. A field built no times derives nothing: its template is
+    not built, so its values are neither overridden nor checked against the rules."""
+    if not isinstance(params, AssemblesCopies):
+        return {}
+    return {name: c if c.count else Copies(0) for name, c in params.copies().items()}
 
 
 def paths_of_kind(ref: PartRef, kind: str, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from flowkit.cli.console import console, progress_enabled
-from flowkit.runs.run import part_rows
+from flowkit.runs.report import part_rows
 
 
 class RichReporter:
@@ -68,7 +68,10 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
 
     table.add_row("test bits/dim", fmt(summary["test_bpd"]))
     if "test_bpd_iw" in summary:
-        table.add_row(f"test bits/dim, {summary['iw_samples']} importance samples", fmt(summary["test_bpd_iw"]))
+        table.add_row(f"test bits/dim, importance-weighted ({summary['iw_samples']} samples, "
+                      f"{summary['iw_images']} images)", fmt(summary["test_bpd_iw"]))
+    if "weights" in summary:
+        table.add_row("evaluated weights", summary["weights"])
     table.add_row("train bits/dim", fmt(summary["train_bpd"]))
     for label, value in part_rows(summary):
         table.add_row(f"  {label}", fmt(value))
@@ -97,23 +100,32 @@ def register(cli: click.Group) -> None:
     @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/<name>-<time>).")
     @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
     @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this directory.")
-    @click.option("--iw-samples", "iw_samples", type=click.IntRange(min=0), default=0,
-                  help="Also report the importance-weighted test bits/dim with k dequantization samples.")
+    @click.option("--from-checkpoint", "from_checkpoint", metavar="step-N",
+                  help="With --resume: continue from this kept checkpoint (a checkpoints/step-* folder) "
+                       "instead of the latest, e.g. when the latest is damaged.")
+    @click.option("--iw-samples", "iw_samples", type=click.IntRange(min=0), default=None,
+                  help="Also report the importance-weighted test bits/dim with k samples (= --set eval.iw_samples=k).")
     @click.pass_context
     def run(ctx: click.Context, recipe: Path | None, preset: str | None, overrides: tuple[str, ...],
-            level: int | None, out: Path | None, overwrite: bool, resume: Path | None, iw_samples: int) -> None:
+            level: int | None, out: Path | None, overwrite: bool, resume: Path | None, from_checkpoint: str | None,
+            iw_samples: int | None) -> None:
         """Train, evaluate (bits/dim) and sample the model of RECIPE."""
         from flowkit.cli import get_plugins
         from flowkit.runs.run import start_run
 
         if resume is None and recipe is None:
             raise click.UsageError("give a RECIPE file, or --resume RUN_DIR.")
-        if resume is not None and (recipe or preset or overrides or level is not None or out):
+        if resume is not None and (recipe or preset or overrides or level is not None or out or iw_samples is not None):
             raise click.UsageError("--resume continues a run with its own recipe.toml; "
-                                   "it takes no RECIPE, --preset, --set, --level or --out.")
+                                   "it takes no RECIPE, --preset, --set, --level, --iw-samples or --out.")
+        if from_checkpoint is not None and resume is None:
+            raise click.UsageError("--from-checkpoint picks the checkpoint --resume RUN_DIR continues from; "
+                                   "give --resume too.")
         if level is not None:
             overrides = (*overrides, f"train.level={level}")
+        if iw_samples is not None:  # a recipe value like any other, so recipe.toml records it
+            overrides = (*overrides, f"eval.iw_samples={iw_samples}")
         plugins = get_plugins(ctx)
         run_dir, summary = start_run(recipe, plugins, RichReporter(), preset=preset, overrides=overrides,
-                                     out=out, overwrite=overwrite, resume=resume, iw_samples=iw_samples)
+                                     out=out, overwrite=overwrite, resume=resume, from_checkpoint=from_checkpoint)
         console.print(summary_table(summary, run_dir.path))

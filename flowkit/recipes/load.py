@@ -17,12 +17,13 @@ from flowkit.errors import RecipeError
 from flowkit.kinds import PART_SECTIONS
 from flowkit.params import PartRef, params_to_toml
 from flowkit.recipes.schema import INHERITED, _validate, validate_fields
-from flowkit.recipes.sections import RecipeMeta, SampleParams, TrainParams
-from flowkit.recipes.toml_write import dumps
+from flowkit.recipes.sections import EvalParams, LogParams, RecipeMeta, SampleParams, TrainParams
+from flowkit.recipes.toml_write import comment, dumps
 from flowkit.registry import Registries
 
-ENGINE_SECTIONS = {"recipe": RecipeMeta, "train": TrainParams, "sample": SampleParams}
-SECTIONS = ["recipe", "data", "dequantizer", "model", "train", "sample", "presets"]
+ENGINE_SECTIONS = {"recipe": RecipeMeta, "train": TrainParams, "eval": EvalParams, "sample": SampleParams,
+                   "log": LogParams}
+SECTIONS = ["recipe", "data", "dequantizer", "model", "train", "eval", "sample", "log", "presets"]
 MAX_EXTENDS_DEPTH = 8
 
 
@@ -36,6 +37,8 @@ class Recipe:
     model: PartRef
     train: TrainParams
     sample: SampleParams
+    eval: EvalParams = field(default_factory=lambda: EvalParams())
+    log: LogParams = field(default_factory=lambda: LogParams())
     source: str = ""
     preset: str = ""
     overrides: tuple[str, ...] = field(default=())
@@ -50,16 +53,18 @@ class Recipe:
             "dequantizer": self.dequantizer.to_toml(),
             "model": self.model.to_toml(),
             "train": params_to_toml(self.train),
+            "eval": params_to_toml(self.eval),
             "sample": params_to_toml(self.sample),
+            "log": params_to_toml(self.log),
         }
 
     def to_toml(self) -> str:
-        header = f"# Resolved from {self.source}"
+        header = f"Resolved from {self.source}"
         if self.preset:
             header += f" with preset {self.preset}"
         if self.overrides:
             header += " and --set " + " ".join(self.overrides)
-        return (header + "\n# Rerun with: flowkit run recipe.toml\n# Every value here is the value that was built. A [*.derived] table lists what a part sets\n"
+        return (comment(header) + "\n# Rerun with: flowkit run recipe.toml\n# Every value here is the value that was built. A [*.derived] table lists what a part sets\n"
                 "# on each copy of a nested part (one value per copy, or one for all); those keys are\n"
                 "# left out of the copied part's table, and cannot be set.\n\n" + dumps(self.to_dict()))
 
@@ -180,7 +185,8 @@ def validate_recipe(
         raise RecipeError(problems, source)
     return Recipe(
         meta=values["recipe"], data=values["data"], dequantizer=values["dequantizer"],
-        model=values["model"], train=values["train"], sample=values["sample"],
+        model=values["model"], train=values["train"], sample=values["sample"], eval=values["eval"],
+        log=values["log"],
         source=source, preset=preset or "", overrides=tuple(overrides),
     )
 

@@ -1,4 +1,4 @@
-"""The engine's own recipe sections: ``[recipe]``, ``[train]``, ``[sample]``.
+"""The engine's own recipe sections: ``[recipe]``, ``[train]``, ``[eval]``, ``[sample]``, ``[log]``.
 
 Part sections (``[data]``, ``[dequantizer]``, ``[model]``) are validated against the Params
 of the part their ``use`` key selects.
@@ -28,15 +28,32 @@ class RecipeMeta:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainParams:
-    optimizer: Literal["adamax", "adam", "adamw"] = param("adamax", "optimizer (Wavelet Flow uses Adamax)")
+    optimizer: Literal["adamax", "adamax_openai", "adam", "adamw"] = param(
+        "adamax", "optimizer; adamax_openai: the Adamax of openai/glow's optim.py (also Wavelet Flow's), whose step "
+        "is lr * sqrt(1 - beta2^t) / (1 - beta1^t)")
+    betas: tuple[float, ...] = param(
+        (0.9, 0.999), "the optimizer's (beta1, beta2); openai/glow's Adamax uses beta2 = 1 - 1/(steps per epoch)")
     lr: float = param(1e-3, "peak learning rate")
     weight_decay: float = param(0.0, "weight decay (decoupled for adamw)")
     warmup_steps: int = param(0, "linear learning-rate warm-up from 0 over this many steps")
-    decay: Literal["none", "cosine"] = param("none", "learning-rate decay after warm-up, over the step or time budget")
-    batch_size: int = param(64, "images per step")
+    decay: Literal["none", "cosine", "exponential"] = param(
+        "none", "learning-rate decay after warm-up: cosine over the step or time budget, or exponential per step")
+    decay_rate: float = param(1.0, "decay = exponential: the learning rate is multiplied by this every step after warm-up")
+    batch_size: int = param(64, "images per optimizer step (the global batch)")
+    accumulate: int = param(
+        1, "split each step's batch into this many micro-batches whose gradients add up (less memory, same step)")
     steps: int = param(0, "stop after this many steps (0: no step limit)")
     minutes: float = param(0.0, "stop after this many minutes of training (0: no time limit)")
-    grad_clip: float = param(0.0, "max gradient norm per parameter group, e.g. per Wavelet Flow level (0: off)")
+    grad_clip: float = param(0.0, "max gradient norm (0: off), per parameter group or over all of them (grad_clip_scope)")
+    grad_clip_scope: Literal["group", "global"] = param(
+        "group", "group: clip each parameter group alone (Wavelet Flow's levels stay independent); global: one norm "
+        "over model and dequantizer together (Flow++)")
+    ema: float = param(
+        0.0, "keep an exponential moving average of the weights with this decay (Flow++: 0.999) and evaluate and "
+        "sample with it (0: off)")
+    shift_augment: float = param(
+        0.0, "translate each training image by up to this fraction of its side, edge pixels repeated "
+        "(openai/glow on CIFAR-10: 0.1; 0: off)")
     seed: int = param(0, "seed of weights, data order and dequantization noise")
     level: int = param(-1, "train one parameter group alone (a Wavelet Flow level, 0 = base); -1: all")
     init_batch_size: int = param(512, "images for the data-dependent (actnorm) initialisation")
@@ -63,8 +80,34 @@ class TrainParams:
                 raise ValueError(f"{key} = {getattr(self, key)} must be >= 0.")
         if self.minutes < 0 or self.lr <= 0 or self.grad_clip < 0 or self.eval_every_seconds < 0:
             raise ValueError("minutes, grad_clip and eval_every_seconds must be >= 0 and lr > 0.")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas = {list(self.betas)} must be two numbers in [0, 1).")
+        if not 0 < self.decay_rate <= 1:
+            raise ValueError(f"decay_rate = {self.decay_rate} must be in (0, 1].")
+        if self.accumulate < 1 or self.batch_size % self.accumulate:
+            raise ValueError(f"accumulate = {self.accumulate} must be >= 1 and divide batch_size = {self.batch_size}.")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema = {self.ema} must be in [0, 1).")
+        if not 0 <= self.shift_augment < 0.5:
+            raise ValueError(f"shift_augment = {self.shift_augment} must be in [0, 0.5).")
         if self.steps == 0 and self.minutes == 0:
             raise ValueError("set a budget: steps > 0 or minutes > 0.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalParams:
+    """How the final test figure is computed, beside the dequantized bound that is always reported."""
+
+    iw_samples: int = param(
+        0, "also report the importance-weighted estimate of log P(x) with this many dequantization (and latent) "
+        "samples per test image (Flow++: 4096, MaCow: 512; 0: off)")
+    iw_images: int = param(0, "the importance-weighted estimate over the first N test images (0: all)")
+    iw_batch_size: int = param(0, "images per importance-weighted batch (0: train.eval_batch_size)")
+
+    def __post_init__(self) -> None:
+        for key in ("iw_samples", "iw_images", "iw_batch_size"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} = {getattr(self, key)} must be >= 0.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,3 +119,12 @@ class SampleParams:
     def __post_init__(self) -> None:
         if self.n < 1 or any(t < 0 for t in self.temperatures):
             raise ValueError("n must be at least 1 and temperatures >= 0.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogParams:
+    """Where a run's measurements go besides metrics.jsonl, which is always written."""
+
+    tensorboard: bool = param(
+        False, "also write TensorBoard event files to the run's tb/ folder: the metrics.jsonl scalars, test and "
+        "per-level bits/dim, sample grids (needs pip install 'flowkit[tensorboard]')")

@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 
+from flowkit.contracts.model import LatentVariable
 from flowkit.plugins import Plugins
-from flowkit.recipes.load import Recipe, load_recipe
+from flowkit.recipes.load import load_recipe
 from flowkit.runs.evaluate import evaluate, evaluate_iw
+from flowkit.runs.metrics import require_tensorboard
+from flowkit.runs.report import write_report
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.sampling import sample_grids
 from flowkit.runs.session import Session, build_session
@@ -19,6 +22,8 @@ from flowkit.runs.trainer import Reporter, Trainer, peak_memory_bytes
 DENSITY = "dequantized bound: -log p(y) + D log 2^n_bits + log q(u|x), over all C*H*W dims"
 DENSITY_ALONE = ("term {term} alone, a density of its own: -log p(term) + D_t log 2^n_bits over its own D_t dims "
                  "(the model's other terms were not trained)")
+DENSITY_ELBO = ("evidence lower bound (ELBO) of a latent-variable model, one draw z ~ q(z|y) per image: "
+                "-log p(y|z) + KL(q(z|y) || p(z)) + D log 2^n_bits + log q(u|x), over all C*H*W dims")
 TRAIN_EVAL_IMAGES = 10_000  # train bpd is measured on this many training images, like the test set
 
 
@@ -27,24 +32,32 @@ def count_parameters(*modules: torch.nn.Module) -> int:
 
 
 def execute(session: Session, rundir: RunDir, reporter: Reporter, *, resume: bool = False,
-            iw_samples: int = 0) -> dict[str, Any]:
-    """Trains, evaluates on the full test set, samples; writes summary.json and report.md."""
+            from_checkpoint: str | None = None) -> dict[str, Any]:
+    """Trains, evaluates on the full test set, samples; writes summary.json and report.md.
+
+    Evaluation and sampling use the weights the recipe evaluates with (the average under
+    train.ema); the importance-weighted estimate runs when eval.iw_samples is set."""
     started = time.perf_counter()
     recipe = session.recipe
     if not resume:
         rundir.recipe_path.write_text(recipe.to_toml(), encoding="utf-8")
+    if recipe.log.tensorboard:  # the same records as metrics.jsonl, and the sample grids, in tb/
+        rundir.metrics.open_tensorboard(rundir.path / "tb")
     trainer = Trainer(session, rundir, reporter)
-    trainer.train(resume=resume)
+    trainer.train(resume=resume, from_checkpoint=from_checkpoint)
     cfg = recipe.train
     reporter.message(f"Evaluating on {len(session.test_x)} test images...")
     alone = trainer.parts[0] if trainer.parts else None
-    test = evaluate(session, session.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, alone=alone)
     train_x = session.train_x[:TRAIN_EVAL_IMAGES]
-    train = evaluate(session, train_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2, alone=alone)
     samples, overflowed_by_t = [], {}
-    if trainer.parts is None:
-        samples, overflowed_by_t = sample_grids(session, rundir.samples, n=recipe.sample.n,
-                               temperatures=recipe.sample.temperatures, seed=recipe.sample.seed)
+    with session.evaluation_weights():
+        test = evaluate(session, session.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, alone=alone)
+        train = evaluate(session, train_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2, alone=alone)
+        if trainer.parts is None:
+            samples, overflowed_by_t = sample_grids(session, rundir.samples, n=recipe.sample.n,
+                                                    temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
+                                                    metrics=rundir.metrics, step=trainer.state.step)
+        iw = importance_weighted(session, reporter) if trainer.parts is None else {}
     memory, memory_kind = peak_memory_bytes(session.device)
     st = trainer.state
     summary: dict[str, Any] = {
@@ -54,7 +67,8 @@ def execute(session: Session, rundir: RunDir, reporter: Reporter, *, resume: boo
         "dataset": session.dataset.name,
         "image_shape": list(session.dataset.shape),
         "n_bits": session.n_bits,
-        "density": DENSITY if alone is None else DENSITY_ALONE.format(term=alone),
+        "density": (DENSITY_ELBO if isinstance(session.model, LatentVariable) else DENSITY) if alone is None
+                   else DENSITY_ALONE.format(term=alone),
         "test_bpd": test["bpd"],
         "train_bpd": train["bpd"],
         # Terms that are densities of their own (Wavelet Flow's levels): bits/dim over their own dims.
@@ -75,61 +89,53 @@ def execute(session: Session, rundir: RunDir, reporter: Reporter, *, resume: boo
         "wall_s": time.perf_counter() - started,
         "samples": [str(p.relative_to(rundir.path)) for p in samples],
         "level": cfg.level,
+        "weights": f"exponential moving average, decay {cfg.ema}" if cfg.ema else "trained (no averaging)",
+        **iw,
     }
     if samples:
         summary["samples_overflowed"] = overflowed_by_t  # images per grid whose inverse overflowed
-    if iw_samples and trainer.parts is None:
-        reporter.message(f"Importance-weighted evaluation with {iw_samples} samples...")
-        summary["test_bpd_iw"] = evaluate_iw(session, session.test_x, k=iw_samples,
-                                             batch_size=cfg.eval_batch_size, seed=cfg.seed + 3)
-        summary["iw_samples"] = iw_samples
     if alone is not None:
         summary["trained_part"] = alone
     rundir.log({"step": st.step, "final": True, **{f"test_{k}": v for k, v in test.items()}})
     rundir.write_summary(summary)
-    write_report(rundir, recipe, summary)
+    write_report(rundir)
+    rundir.metrics.close()
     return summary
+
+
+def importance_weighted(session: Session, reporter: Reporter) -> dict[str, Any]:
+    """The importance-weighted test bits/dim of eval.iw_samples samples per image (what Flow++ and
+    MaCow report), over eval.iw_images test images; empty when eval.iw_samples = 0."""
+    cfg = session.recipe.eval
+    if not cfg.iw_samples:
+        return {}
+    x = session.test_x[: cfg.iw_images] if cfg.iw_images else session.test_x
+    reporter.message(f"Importance-weighted evaluation: {cfg.iw_samples} samples per image, {len(x)} test images...")
+    batch = cfg.iw_batch_size or session.recipe.train.eval_batch_size
+    bpd = evaluate_iw(session, x, k=cfg.iw_samples, batch_size=batch, seed=session.recipe.train.seed + 3)
+    return {"test_bpd_iw": bpd, "iw_samples": cfg.iw_samples, "iw_images": len(x)}
 
 
 def _by_prefix(result: dict[str, Any], prefix: str) -> dict[str, float]:
     return {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
 
 
-def part_rows(summary: dict[str, Any]) -> list[tuple[str, float]]:
-    """Per-term figures labelled for what they are (the report and the final table)."""
-    rows = [(f"test bits/dim of {part} (over its own dims)", v) for part, v in summary["test_bpd_per_part"].items()]
-    shares = summary["test_bpd_share_per_part"]
-    if len(shares) > 1:
-        rows += [(f"share of test bits/dim from {part} (-log p term / (D log 2))", v) for part, v in shares.items()]
-    return rows
-
-
-def write_report(rundir: RunDir, recipe: Recipe, summary: dict[str, Any]) -> None:
-    lines = [f"# {recipe.meta.name}", "", recipe.meta.description, "",
-             "| metric | value |", "| --- | --- |"]
-    for key in ("test_bpd", "train_bpd", "params", "steps", "train_images_per_s", "peak_memory_bytes",
-                "wall_s", "device"):
-        value = summary.get(key)
-        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    for label, value in part_rows(summary):
-        lines.append(f"| {label} | {value:.4f} |")
-    for temperature, count in summary.get("samples_overflowed", {}).items():
-        lines.append(f"| samples overflowed at {temperature} | {count} of {recipe.sample.n} |")
-    lines += ["", f"Density reported: {summary['density']}.", ""]
-    lines += [f"![{p}]({p})" for p in summary.get("samples", [])]
-    (rundir.path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 def start_run(recipe_path: Path | None, plugins: Plugins, reporter: Reporter, *, preset: str | None = None,
               overrides: tuple[str, ...] = (), out: Path | None = None, overwrite: bool = False,
-              resume: Path | None = None, iw_samples: int = 0) -> tuple[RunDir, dict[str, Any]]:
-    """The `flowkit run` command without its console: returns the run directory and summary."""
+              resume: Path | None = None, from_checkpoint: str | None = None) -> tuple[RunDir, dict[str, Any]]:
+    """The `flowkit run` command without its console: returns the run directory and summary.
+    The run directory is locked (`RunDir.lock`) while this runs: a second process is refused."""
     if resume is not None:
-        rundir = RunDir.existing(resume)
-        recipe = load_recipe(rundir.recipe_path, plugins.registries)
-        return rundir, execute(build_session(recipe, plugins), rundir, reporter, resume=True, iw_samples=iw_samples)
+        with RunDir.existing(resume).lock("resume") as rundir:
+            recipe = load_recipe(rundir.recipe_path, plugins.registries)
+            if recipe.log.tensorboard:
+                require_tensorboard()
+            return rundir, execute(build_session(recipe, plugins), rundir, reporter, resume=True,
+                                   from_checkpoint=from_checkpoint)
     recipe = load_recipe(recipe_path, plugins.registries, preset=preset, overrides=overrides)
+    if recipe.log.tensorboard:
+        require_tensorboard()
     # Everything that can fail on bad input (data files, shapes) fails before the directory exists.
     session = build_session(recipe, plugins)
-    rundir = RunDir.create(recipe.meta.name + (f"-{preset}" if preset else ""), out, overwrite=overwrite)
-    return rundir, execute(session, rundir, reporter, iw_samples=iw_samples)
+    with RunDir.create(recipe.meta.name + (f"-{preset}" if preset else ""), out, overwrite=overwrite) as rundir:
+        return rundir, execute(session, rundir, reporter)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +17,7 @@ from flowkit.errors import FlowkitError, RecipeError, ShapeError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe
 from flowkit.runs.bpd import reduce_bits
+from flowkit.runs.ema import WeightAverage, weight_average
 from flowkit.runs.objective import Objective
 
 
@@ -41,6 +44,7 @@ class Session:
     model: DensityModel
     dequantizer: Dequantizer
     device: torch.device
+    average: WeightAverage | None = None  # train.ema: the averaged weights, for evaluation and sampling
 
     @property
     def n_bits(self) -> int:
@@ -56,7 +60,18 @@ class Session:
         return Objective(self.model, self.dequantizer, self.n_bits, self.num_dims)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"model": self.model, "dequantizer": self.dequantizer}
+        """What a checkpoint holds: the model, the dequantizer and, with train.ema, their average."""
+        modules = {"model": self.model, "dequantizer": self.dequantizer}
+        if self.average is not None:
+            modules["ema"] = self.average
+        return modules
+
+    @contextlib.contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """The weights a recipe evaluates and samples with: the average under train.ema, else the
+        trained ones."""
+        with self.average.swapped_in() if self.average is not None else contextlib.nullcontext():
+            yield
 
 
 def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -> Session:
@@ -78,7 +93,9 @@ def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -
     except ShapeError as exc:
         raise FlowkitError(f"{recipe.source}: [model] does not fit {dataset.name} images of shape {dataset.shape}: {exc}") from None
     check_training_fit(recipe, model, dequantizer)
-    return Session(recipe, dataset, train_x, test_x, model.to(device), dequantizer.to(device), device)
+    model, dequantizer = model.to(device), dequantizer.to(device)
+    average = weight_average({"model": model, "dequantizer": dequantizer}, train.ema)
+    return Session(recipe, dataset, train_x, test_x, model, dequantizer, device, average)
 
 
 def check_training_fit(recipe: Recipe, model: DensityModel, dequantizer: Dequantizer) -> None:

@@ -18,10 +18,11 @@ from typing import Any, Protocol
 import torch
 
 from flowkit.errors import TrainingError
-from flowkit.runs.checkpoint import latest_checkpoint, latest_step, load_checkpoint, save_checkpoint
+from flowkit.runs.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from flowkit.runs.evaluate import evaluate
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.session import Session
+from flowkit.runs.signals import AbortedBySignal, RunInterrupted, StopOnSignal
 from flowkit.runs.term_threads import TermThreads
 
 
@@ -52,9 +53,34 @@ def batches(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[tor
         step = (epoch + 1) * per_epoch
 
 
-def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    cls = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-    return cls(groups, lr=lr, weight_decay=weight_decay)
+def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,
+                   betas: tuple[float, ...] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    # adamax_openai is torch's Adamax with the step size scaled in `Trainer.lr_at`.
+    cls = {"adamax": torch.optim.Adamax, "adamax_openai": torch.optim.Adamax, "adam": torch.optim.Adam,
+           "adamw": torch.optim.AdamW}[name]
+    return cls(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+
+
+def random_shift(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Each image translated by a uniform random amount of up to ``fraction`` of its side in each
+    direction, bilinearly interpolated with the edge pixels repeated, then floored to integers:
+    openai/glow's CIFAR-10 augmentation (``data_loaders/get_mnist_cifar.py``: keras'
+    ``ImageDataGenerator(width_shift_range=0.1, height_shift_range=0.1)``, whose float images
+    ``model.py`` ``preprocess`` floors). Draws from the global RNG, which checkpoints carry."""
+    if fraction == 0:
+        return x
+    b, _, h, w = x.shape
+    shift = (torch.rand(b, 2) * 2 - 1) * fraction * torch.tensor([w, h])  # pixels: (x, y)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 2 * shift[:, 0] / max(w - 1, 1)  # align_corners=True: [-1, 1] spans w - 1 pixels
+    theta[:, 1, 2] = 2 * shift[:, 1] / max(h - 1, 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=True)
+    moved = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                                            align_corners=True)
+    # A convex combination of pixels stays within their range; the 1e-4 absorbs the sampler's
+    # rounding, which would floor an exact integer such as 2.0 computed as 1.99999 to 1.
+    return (moved + 1e-4).floor().to(x.dtype)
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -83,10 +109,13 @@ class Trainer:
         self.groups, self.parts = self._select_groups()
         self.optimizer = make_optimizer(
             self.cfg.optimizer, [{"params": p, "name": n} for n, p in self.groups.items()],
-            self.cfg.lr, self.cfg.weight_decay,
+            self.cfg.lr, self.cfg.weight_decay, self.cfg.betas,
         )
         self.state = TrainState()
         self.term_threads: TermThreads | None = None  # only while train() runs
+        self.micro_weight = 1.0  # the current micro-batch's share of the batch (train.accumulate)
+        self.saved_step: int | None = None  # the step of the checkpoint this process wrote or loaded last
+        self.stop = StopOnSignal()  # SIGINT/SIGTERM: finish the step, checkpoint, RunInterrupted
         self.next_eval_seconds = math.inf  # train.eval_every_seconds: when the next curve point is due
 
     def _select_groups(self) -> tuple[dict[str, list[torch.nn.Parameter]], list[str] | None]:
@@ -106,12 +135,19 @@ class Trainer:
             return None  # one term alone (train.level) has nothing to run side by side
         # build_session checked the fit. Each group's loss is the bits/dim of its terms: the
         # constant offset differs from the joint loss, the gradient does not.
-        return TermThreads(self.s.model, threads, lambda terms: self.objective.bits_per_dim(terms, 0.0).mean())
+        return TermThreads(self.s.model, threads,
+                           lambda terms: self.objective.bits_per_dim(terms, 0.0).mean() * self.micro_weight)
 
     # -- budget and schedule ------------------------------------------------------------
     def lr_at(self, step: int, elapsed: float) -> float:
         cfg = self.cfg
         scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.optimizer == "adamax_openai":
+            # openai/glow optim.py adamax(): alpha_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t); torch's
+            # Adamax divides by (1 - beta1^t) itself, so only the square root is the schedule's.
+            scale *= math.sqrt(1.0 - cfg.betas[1] ** (step + 1))
+        if cfg.decay == "exponential":  # MaCow: times decay_rate every step after the peak
+            scale *= cfg.decay_rate ** max(0, step - max(cfg.warmup_steps - 1, 0))
         if cfg.decay == "cosine":
             progress = step / cfg.steps if cfg.steps else elapsed / (cfg.minutes * 60)
             scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -129,15 +165,26 @@ class Trainer:
         st = self.state
         save_checkpoint(self.rundir.checkpoints, st.step, self.s.modules(), self.optimizer, tensors,
                         {"train_seconds": st.train_seconds, "images": st.images, "recent": st.recent})
+        self.saved_step = st.step
 
-    def resume(self) -> None:
-        path = latest_checkpoint(self.rundir.checkpoints)
+    def resume(self, from_checkpoint: str | None = None) -> bool:
+        """Restores the checkpoint to continue from (`checkpoint_to_resume`: ``from_checkpoint``,
+        else the latest); False when the run has none yet (it was stopped before its first)."""
+        path = checkpoint_to_resume(self.rundir.checkpoints, from_checkpoint)
+        if path is None:
+            self.reporter.message(f"{self.rundir.path} has no checkpoint yet: starting it from the beginning "
+                                  "with its recipe.toml.")
+            self.rundir.drop_metrics_after(0)
+            return False
         tensors, state = load_checkpoint(path, self.s.modules(), self.optimizer, self.s.device)
         torch.set_rng_state(tensors["torch_rng"])
         if "cuda_rng" in tensors and self.s.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["cuda_rng"], self.s.device)
         self.state = TrainState(state["step"], state["train_seconds"], state["images"], list(state["recent"]))
+        self.saved_step = self.state.step
+        self.rundir.drop_metrics_after(self.state.step)  # logged after this checkpoint: logged again
         self.reporter.message(f"Resumed from {path} at step {self.state.step}.")
+        return True
 
     @torch.no_grad()
     def initialize(self) -> None:
@@ -148,18 +195,36 @@ class Trainer:
         self.s.dequantizer.initialize(x, self.s.n_bits)
         y, _ = self.objective.dequantize(x)
         self.s.model.initialize(y)
+        if self.s.average is not None:
+            self.s.average.reset()  # the average starts at the initialised weights
 
     # -- the loop ----------------------------------------------------------------------
     def backward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss (mean bits/dim, detached) and terms of a batch; gradients accumulated. The loss is
+        """Loss (mean bits/dim, detached) and terms of a batch; gradients accumulated over its
+        ``train.accumulate`` micro-batches, so the step is that of the whole batch. The loss is
         the whole image's bits/dim, or train.level's term alone over its own dimensions."""
-        if self.term_threads is None:
-            loss, terms = self.objective.loss(x, self.parts)
-            loss.backward()
-            return loss.detach(), terms
-        y, log_q = self.objective.dequantize(x)
-        terms = self.term_threads.backward(y)
-        return self.objective.bits_per_dim(terms, log_q).mean(), terms
+        weighted, terms = [], {}
+        for micro in x.chunk(self.cfg.accumulate):
+            # Each micro-batch's mean weighted by its share of the batch: the batch's mean, also
+            # when a dataset smaller than the batch leaves fewer or unequal micro-batches.
+            self.micro_weight = len(micro) / len(x)
+            if self.term_threads is None:
+                loss, terms = self.objective.loss(micro, self.parts)
+                (loss * self.micro_weight).backward()
+            else:
+                y, log_q = self.objective.dequantize(micro)
+                terms = self.term_threads.backward(y)
+                loss = self.objective.bits_per_dim(terms, log_q).mean()
+            weighted.append(loss.detach().float() * self.micro_weight)
+        return torch.stack(weighted).sum(), terms
+
+    def clip(self) -> list[torch.Tensor]:
+        """Gradient norms before clipping: one per parameter group, or one over all of them
+        (``grad_clip_scope = "global"``, Flow++'s single norm over model and dequantizer)."""
+        limit = self.cfg.grad_clip or float("inf")
+        if self.cfg.grad_clip_scope == "global":
+            return [torch.nn.utils.clip_grad_norm_([p for ps in self.groups.values() for p in ps], limit)]
+        return [torch.nn.utils.clip_grad_norm_(p, limit) for p in self.groups.values()]
 
     def fail(self, step: int, what: str, terms: dict[str, torch.Tensor]) -> None:
         bad = [n for n, t in terms.items() if not torch.isfinite(t).all()] or list(terms)
@@ -171,26 +236,33 @@ class Trainer:
         self.rundir.write_summary({**self.rundir.read_summary(), "status": "failed", "error": message})
         raise TrainingError(message)
 
-    def train(self, *, resume: bool = False) -> None:
-        cfg, s, st = self.cfg, self.s, self.state
-        if resume:
-            self.resume()
-            st = self.state
-        else:
+    def train(self, *, resume: bool = False, from_checkpoint: str | None = None) -> None:
+        """Trains until the budget is spent and checkpoints the last step. ``resume``: from the
+        checkpoint `resume` picks, or from the beginning when there is none. A SIGINT or SIGTERM
+        ends the step, checkpoints it and raises `RunInterrupted`; a second one raises it at once."""
+        cfg, s = self.cfg, self.s
+        if not (resume and self.resume(from_checkpoint)):
             self.initialize()
-        self.reporter.start(cfg.steps or None, cfg.minutes * 60 or None, st.step)
+        self.reporter.start(cfg.steps or None, cfg.minutes * 60 or None, self.state.step)
         s.model.train()
         s.dequantizer.train()
         self.term_threads = self._term_threads()
         try:
-            self._steps()
-        finally:  # a failed run, too, gives back torch's thread count and the pool's threads
-            if self.term_threads is not None:
-                self.term_threads.close()
-                self.term_threads = None
-        if latest_step(self.rundir.checkpoints) != self.state.step:  # a periodic one may have saved it
-            self.checkpoint()
-        self.reporter.finish()
+            with self.stop:
+                try:
+                    self._steps()
+                finally:  # a failed run, too, gives back torch's thread count and the pool's threads
+                    if self.term_threads is not None:
+                        self.term_threads.close()
+                        self.term_threads = None
+                if self.saved_step != self.state.step:  # unless a periodic save, or the resumed one, holds it
+                    self.checkpoint()
+        except AbortedBySignal as exc:
+            raise RunInterrupted(exc.signum, self.rundir.path, self.state.step, checkpointed=False) from None
+        finally:
+            self.reporter.finish()
+        if self.stop.requested is not None:
+            raise RunInterrupted(self.stop.requested, self.rundir.path, self.state.step, checkpointed=True)
 
     def periodic_evaluation(self) -> None:
         """The test bits/dim during training, on the first ``eval_images`` test images (a fixed
@@ -198,7 +270,8 @@ class Trainer:
         training seconds and the images seen; its own time is not training time."""
         cfg, s, st = self.cfg, self.s, self.state
         x = s.test_x[: cfg.eval_images] if cfg.eval_images else s.test_x
-        with self.term_threads.all_cores() if self.term_threads else contextlib.nullcontext():
+        with self.term_threads.all_cores() if self.term_threads else contextlib.nullcontext(), \
+                s.evaluation_weights():
             result = evaluate(s, x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1,
                               alone=self.parts[0] if self.parts else None)
         self.rundir.log({"step": st.step, "train_seconds": round(st.train_seconds, 3), "images": st.images,
@@ -215,22 +288,28 @@ class Trainer:
         self.next_eval_seconds = (math.floor(st.train_seconds / every) + 1) * every if every else math.inf
         data = batches(len(s.train_x), cfg.batch_size, cfg.seed, st.step)
         window = 0.0
-        while not self.done():
+        while not self.done() and self.stop.requested is None:
             tick = time.perf_counter()
             lr = self.lr_at(st.step, st.train_seconds)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            x = s.train_x[next(data)].to(s.device, non_blocking=True)
+            x = s.train_x[next(data)]
+            if cfg.shift_augment:
+                x = random_shift(x, cfg.shift_augment)
+            x = x.to(s.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             loss, terms = self.backward(x)
-            norms = [torch.nn.utils.clip_grad_norm_(p, cfg.grad_clip or float("inf")) for p in self.groups.values()]
+            norms = self.clip()
             values = torch.stack([loss.detach().float()] + [n.float() for n in norms]).tolist()
             if not math.isfinite(values[0]):
                 self.fail(st.step + 1, f"the loss became {values[0]}", terms)
             if not all(math.isfinite(v) for v in values[1:]):
+                names = list(self.groups) if len(norms) == len(self.groups) else ["all parameters"]
                 self.fail(st.step + 1, "a gradient became NaN or Inf", {
-                    n: torch.tensor([v]) for n, v in zip(self.groups, values[1:], strict=True)})
+                    n: torch.tensor([v]) for n, v in zip(names, values[1:], strict=True)})
             self.optimizer.step()
+            if s.average is not None:
+                s.average.update()
             if s.device.type == "cuda":
                 torch.cuda.synchronize(s.device)
             st.step += 1

@@ -4,7 +4,8 @@ Two masks split an input ``(B, C, H, W)``:
 
 - ``channel``: the channels in two halves, the first ``C // 2`` and the rest. ``parity=0``
   transforms the second half given the first (Glow's ``z2`` given ``z1``); ``parity=1`` the
-  reverse. The net sees the conditioning half only.
+  reverse. The net sees the conditioning half only. With ``factor = f > 0`` the second part is
+  the last ``C // f`` channels instead (MaCow's split-prior coupling, ``NICE(factor=f)``).
 - ``checkerboard``: pixels ``(i, j)`` with ``(i + j) % 2 == parity`` condition, the others are
   transformed (RealNVP). The net sees the masked input ``x * mask`` with all ``C`` channels.
 """
@@ -30,6 +31,16 @@ def checkerboard(height: int, width: int, parity: int) -> Tensor:
     return ((rows + cols) % 2 == parity).view(1, 1, height, width)
 
 
+def check_factor(factor: int) -> None:
+    """Range check of the channel mask's ``factor`` (0: halves)."""
+    if factor < 0 or factor == 1:
+        raise ValueError(f"factor = {factor} must be 0 (halves) or >= 2 (the last C // factor channels).")
+
+
+FACTOR_DOC = ("channel mask: 0 splits the channels in halves; f >= 2 makes the last C // f channels the second part "
+              "(MaCow's split-prior coupling)")
+
+
 def check_parity(parity: int) -> None:
     """Range check shared by the coupling Params (a ValueError, reported by the recipe loader)."""
     if parity not in (0, 1):
@@ -50,7 +61,7 @@ class MaskedCoupling(Transform):
 
     def __init__(
         self, in_shape: Shape, *, mask: MaskKind, parity: int, net: PartRef, context_shape: Shape | None,
-        build: Any,
+        build: Any, factor: int = 0,
     ) -> None:
         super().__init__()
         if len(in_shape) != 3:
@@ -66,7 +77,10 @@ class MaskedCoupling(Transform):
                     f"{type(self).__name__} cannot split {channels} channel(s) in halves with a channel "
                     'mask; use mask = "checkerboard" for single-channel inputs.'
                 )
-            first = channels // 2
+            first = channels - channels // factor if factor else channels // 2
+            if not 0 < first < channels:
+                raise ShapeError(f"{type(self).__name__} with factor = {factor} cannot split {channels} channels: "
+                                 "the last C // factor must be between 1 and C - 1.")
             self.cond_channels = first if parity == 0 else channels - first
             self.trans_channels = channels - self.cond_channels
             self._first = first

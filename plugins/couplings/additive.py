@@ -8,17 +8,19 @@ from typing import Any
 from torch import Tensor
 
 from flowkit import PartRef, hookimpl, param, part_field
-from flowkit_plugins.couplings._masks import MaskedCoupling, MaskKind, Shape, check_parity
+from flowkit_plugins.couplings._masks import FACTOR_DOC, MaskedCoupling, MaskKind, Shape, check_factor, check_parity
 
 
 @dataclass(frozen=True, kw_only=True)
 class AdditiveParams:
     mask: MaskKind = param("channel", "which entries condition: channel halves or a spatial checkerboard")
     parity: int = param(0, "which half is transformed (0 or 1); alternate it between steps")
+    factor: int = param(0, FACTOR_DOC)
     net: PartRef = part_field("net", "glow_cnn", "conditioner predicting the shift from the other half")
 
     def __post_init__(self) -> None:
         check_parity(self.parity)
+        check_factor(self.factor)
 
 
 class AdditiveCoupling(MaskedCoupling):
@@ -44,7 +46,7 @@ class AdditiveCoupling(MaskedCoupling):
         cls, params: AdditiveParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
     ) -> AdditiveCoupling:
         """Additive (volume-preserving) coupling, channel or checkerboard mask."""
-        return cls(in_shape, mask=params.mask, parity=params.parity, net=params.net,
+        return cls(in_shape, mask=params.mask, parity=params.parity, factor=params.factor, net=params.net,
                    context_shape=context_shape, build=build)
 
     def _transform(self, x_trans: Tensor, h: Tensor) -> tuple[Tensor, None]:

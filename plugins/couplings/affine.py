@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowkit import PartRef, hookimpl, param, part_field
-from flowkit_plugins.couplings._masks import MaskedCoupling, MaskKind, Shape, check_parity
+from flowkit_plugins.couplings._masks import FACTOR_DOC, MaskedCoupling, MaskKind, Shape, check_factor, check_parity
 
 ScaleFn = Literal["sigmoid", "exp_tanh"]
 
@@ -19,6 +19,7 @@ ScaleFn = Literal["sigmoid", "exp_tanh"]
 class AffineParams:
     mask: MaskKind = param("channel", "which entries condition: channel halves or a spatial checkerboard")
     parity: int = param(0, "which half is transformed (0 or 1); alternate it between steps")
+    factor: int = param(0, FACTOR_DOC)
     scale_fn: ScaleFn = param(
         "sigmoid", "sigmoid: Glow's sigmoid(s + 2); exp_tanh: exp(clamp * tanh(s / clamp)), RealNVP-style"
     )
@@ -27,6 +28,7 @@ class AffineParams:
 
     def __post_init__(self) -> None:
         check_parity(self.parity)
+        check_factor(self.factor)
         if not self.clamp > 0:
             raise ValueError(f"clamp = {self.clamp} must be > 0.")
 
@@ -64,7 +66,7 @@ class AffineCoupling(MaskedCoupling):
         cls, params: AffineParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
     ) -> AffineCoupling:
         """Affine coupling (Glow), channel or checkerboard mask."""
-        return cls(in_shape, mask=params.mask, parity=params.parity, net=params.net, scale_fn=params.scale_fn,
+        return cls(in_shape, mask=params.mask, parity=params.parity, factor=params.factor, net=params.net, scale_fn=params.scale_fn,
                    clamp=params.clamp, context_shape=context_shape, build=build)
 
     def _shift_log_scale(self, h: Tensor) -> tuple[Tensor, Tensor]:

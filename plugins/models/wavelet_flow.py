@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from flowkit import (
     Copies, Derive, DensityModel, IndependentTerms, PartRef, ShapeError, SuperResolution, hookimpl, param, part_field,
 )
+from flowkit.contracts.model import Generated, LatentLevel, LatentLevels
 from flowkit.contracts.transform import Sequential
 
 
@@ -48,6 +49,9 @@ class WaveletFlowParams:
     cond_channels: int = param(32, "channels of the conditioning features computed from the low-pass image")
     cond_depth: int = param(2, "3x3 conv layers of the conditioning net (0: the normalised low-pass image itself)")
     crops: tuple[int, ...] = param((), "train level j on random crops of 1/crops[j] of each side (base first; 1: whole)")
+    alternate: bool = param(
+        True, "alternate the coupling's parity step by step; false: every coupling transforms the same part, "
+        "the 1x1 convolutions mixing channels in between (the reference code's channel split)")
 
     def __post_init__(self) -> None:
         if self.levels < 0:
@@ -64,15 +68,16 @@ class WaveletFlowParams:
 
     def copies(self) -> dict[str, Copies]:
         """The base flow's steps and the level flows' steps (level 1 first), each a copy of its
-        template with the coupling's parity alternating step by step and, when ``hidden`` is
+        template with the coupling's parity alternating step by step (``alternate``) and, when ``hidden`` is
         given, the net's width of its level."""
         depth = per_level(self.depth, self.levels + 1, 8)
         hidden = per_level(self.hidden, self.levels + 1, 0)
         stacks = {"base_step": [0], "step": list(range(1, self.levels + 1))}
         out = {}
         for name, levels in stacks.items():
-            parity = tuple(i % 2 for j in levels for i in range(depth[j]))
-            rules = [Derive("coupling", "parity", parity, "alternates step by step")]
+            parity = tuple(i % 2 * self.alternate for j in levels for i in range(depth[j]))
+            why = "alternates step by step" if self.alternate else "model.alternate = false: the same part every step"
+            rules = [Derive("coupling", "parity", parity, why)]
             if self.hidden:
                 widths = tuple(hidden[j] for j in levels for _ in range(depth[j]))
                 rules.append(Derive("net", "hidden", widths, "model.hidden, per level"))
@@ -118,18 +123,23 @@ class LevelFlow(nn.Module):
     def context(self, low: Tensor | None) -> Tensor | None:
         return None if self.conditioner is None else self.conditioner(low)
 
+    def prior_context(self, ctx: Tensor | None) -> Tensor | None:
+        """The context as the prior takes it: none for an unconditional prior (the reference's
+        final actnorm and N(0, I), a learned_gaussian), even on a conditioned level."""
+        return ctx if self.prior.context_shape is not None else None
+
     def log_prob(self, v: Tensor, low: Tensor | None) -> Tensor:
         ctx = self.context(low)
         z, logabsdet = self.flow(v, ctx)
-        return self.prior.log_prob(z, ctx) + logabsdet
+        return self.prior.log_prob(z, self.prior_context(ctx)) + logabsdet
 
     def sample(self, n: int, low: Tensor | None, temperature: float) -> Tensor:
         ctx = self.context(low)
-        z = self.prior.sample(n, ctx, temperature)
+        z = self.prior.sample(n, self.prior_context(ctx), temperature)
         return self.flow.inverse(z, ctx)[0]
 
 
-class WaveletFlow(DensityModel, IndependentTerms, SuperResolution):
+class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels):
     """See the module docstring. Terms: ``base`` = log p(I_0), ``level{j}`` = log p(D_{j-1} | I_{j-1}).
 
     Each term is a density of its own over its level's dimensions and has its own parameter
@@ -293,6 +303,38 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution):
     def low_to_image(self, low: Tensor, level: int) -> Tensor:
         """I_level shown as an image in [0, 1) (its DC gain removed)."""
         return (low / self.gain(level) + 0.5).clamp(0.0, 1.0 - 1e-6)
+
+    # -- annealed sampling (LatentLevels) --------------------------------------------------
+    def latent_levels(self) -> list[str]:
+        return list(self.flows)
+
+    def latent_level(self, name: str, given: Tensor | None, n: int) -> LatentLevel:
+        """``base`` samples I_0; ``level{j}`` samples D_{j-1} given I_{j-1} (raw scale, ``given``)
+        and returns I_j, or y after the last level. The log-det counts the level's gain, so
+        ``log_prob - logabsdet`` is the level's term of `log_prob_parts`."""
+        if name not in self.flows:
+            raise ShapeError(f"wavelet_flow has no level {name!r}; its levels are {', '.join(self.flows)}.")
+        flow, j, c = self.flows[name], self.latent_levels().index(name), self.in_shape[0]
+        ctx, shape = None, (c, *self.sizes[0])
+        if j > 0:
+            expected = (n, c, *self.sizes[j - 1])
+            if given is None or tuple(given.shape) != expected:
+                got = None if given is None else tuple(given.shape)
+                raise ShapeError(f"wavelet_flow samples {name} given I_{j - 1} of shape {expected}, got {got}.")
+            ctx, shape = flow.context(given / self.gain(j - 1)), (3 * c, *self.sizes[j - 1])
+        gain_logabsdet = math.prod(shape) * math.log(self.gain(j))
+
+        def generate(z: Tensor) -> Generated:
+            v, logabsdet = flow.flow.inverse(z, ctx)
+            part = v * self.gain(j)
+            out = part if j == 0 else self.decomposition.merge(given, part)[0]
+            return Generated(out + 0.5 if j == self.levels else out,
+                             flow.prior.log_prob(z, flow.prior_context(ctx)), logabsdet + gain_logabsdet)
+
+        def draw(temperature: float) -> Tensor:
+            return flow.prior.sample(n, flow.prior_context(ctx), temperature)
+
+        return LatentLevel(name, shape, draw, generate)
 
 
 @hookimpl

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowkit import ShapeError, hookimpl, param
+from flowkit.contracts.context import VectorContext, context_form
+from flowkit_plugins.nets._ddi import data_dependent_init, mark
 
 Shape = tuple[int, ...]
 
@@ -26,6 +28,9 @@ class GatedResNetParams:
     init_scale: float = param(
         0.1, "scale of the output layer's initial weights; keep > 0 for mixlogistic (breaks component symmetry)"
     )
+    init: Literal["fixed", "data"] = param(
+        "fixed", "fixed: PyTorch's initial weights, small output layers; data: every conv and linear layer "
+        "standardised on the first batch, output layers to init_scale (Flow++'s data-dependent init)")
 
     def __post_init__(self) -> None:
         if self.hidden < 1 or self.blocks < 0 or self.heads < 1:
@@ -51,20 +56,25 @@ def _scaled(module: nn.Module, scale: float) -> nn.Module:
 
 
 class GatedConv(nn.Module):
-    """``x + A ⊙ σ(B)`` with ``[A, B] = W2 · dropout(celu(W1 · celu(x) + Wc · celu(context)))``."""
+    """``x + A ⊙ σ(B)`` with ``[A, B] = W2 · dropout(celu(W1 · celu(x) + Wc · celu(context)))``,
+    or ``+ W_z z`` for a vector context ``z`` (`VectorContext`, zero-initialised)."""
 
-    def __init__(self, hidden: int, context_channels: int, dropout: float) -> None:
+    def __init__(self, hidden: int, context_channels: int, dropout: float, vector_dim: int = 0) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2 * hidden, hidden, 3, padding=1)
         self.context = nn.Conv2d(2 * context_channels, hidden, 1) if context_channels else None
+        self.vector = VectorContext(vector_dim, hidden) if vector_dim else None
         # A small last layer keeps each residual branch near zero at initialisation (Flow++: 0.1).
-        self.gate = _scaled(nn.Conv2d(2 * hidden, 2 * hidden, 1), 0.1)
+        self.gate = mark(_scaled(nn.Conv2d(2 * hidden, 2 * hidden, 1), 0.1), 0.1)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, context_elu: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        """``context``: the concat-ELU of a spatial context, or a vector context as it is."""
         c = self.conv(concat_elu(x))
         if self.context is not None:
-            c = c + self.context(context_elu)
+            c = c + self.context(context)
+        if self.vector is not None:
+            c = c + self.vector(context, c.dtype)
         c = F.dropout(concat_elu(c), self.dropout, self.training)
         a, b = self.gate(c).chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
@@ -82,7 +92,7 @@ class GatedAttention(nn.Module):
         super().__init__()
         self.heads, self.attention, self.dropout = heads, attention, dropout
         self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.out = _scaled(nn.Linear(hidden, 2 * hidden), 0.1)
+        self.out = mark(_scaled(nn.Linear(hidden, 2 * hidden), 0.1), 0.1)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         batch, tokens, channels = x.shape
@@ -103,7 +113,8 @@ class GatedResNet(nn.Module):
     a 1x1 conv of its concat-ELU in every block), layer norm over channels, gated multi-head
     self-attention with a learned position embedding, layer norm; then ``conv3x3(-> out)``
     whose weights start at ``init_scale`` times PyTorch's default and bias zero. The context is
-    ``(B, Cc, H, W)`` or a vector ``(B, Cc)`` (broadcast over pixels). The blocks run in
+    ``(B, Cc, H, W)``, or a vector ``z`` of shape ``(B, Cz)``, whose zero-initialised linear
+    projection is added in every block instead (`flowkit.contracts.context`). The blocks run in
     whatever dtype the input (or autocast) gives; layer norm and attention use PyTorch's fused
     kernels. Between the gated conv and the attention the stream is kept in channels-last
     layout, so no transposes are materialised.
@@ -123,6 +134,7 @@ class GatedResNet(nn.Module):
     def __init__(
         self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None = None, hidden: int = 96,
         blocks: int = 10, heads: int = 4, attention: bool = True, dropout: float = 0.2, init_scale: float = 0.1,
+        init: str = "fixed",
     ) -> None:
         super().__init__()
         if len(in_shape) != 3:
@@ -131,20 +143,19 @@ class GatedResNet(nn.Module):
         self.in_shape = (channels, height, width)
         self.out_channels = out_channels
         self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
-        context_channels = 0
-        if self.context_shape is not None:
-            if not (len(self.context_shape) == 1 or self.context_shape[1:] == (height, width)):
-                raise ShapeError(
-                    f"GatedResNet accepts a context of shape (Cc,) or (Cc, {height}, {width}), got {self.context_shape}."
-                )
-            context_channels = self.context_shape[0]
+        form = context_form(self.context_shape, self.in_shape, "GatedResNet")
+        context_channels = self.context_shape[0] if form == "spatial" else 0
+        vector_dim = self.context_shape[0] if form == "vector" else 0
         self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
         self.pos = nn.Parameter(0.01 * torch.randn(height * width, hidden))
-        self.convs = nn.ModuleList(GatedConv(hidden, context_channels, dropout) for _ in range(blocks))
+        self.convs = nn.ModuleList(GatedConv(hidden, context_channels, dropout, vector_dim) for _ in range(blocks))
         self.attns = nn.ModuleList(GatedAttention(hidden, heads, attention, dropout) for _ in range(blocks))
         self.norms1 = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(blocks))
         self.norms2 = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(blocks))
-        self.conv_out = _scaled(nn.Conv2d(hidden, out_channels, 3, padding=1), init_scale)
+        self.conv_out = mark(_scaled(nn.Conv2d(hidden, out_channels, 3, padding=1), init_scale), init_scale)
+        self.data_init = init == "data"
+        if self.data_init:  # the flag is saved with the weights, so a restored net is not re-initialised
+            self.register_buffer("initialized", torch.tensor(False))
 
     @classmethod
     def from_params(
@@ -154,7 +165,7 @@ class GatedResNet(nn.Module):
         """Flow++'s gated residual network with multi-head self-attention and dropout."""
         return cls(in_shape, out_channels=out_channels, context_shape=context_shape, hidden=params.hidden,
                    blocks=params.blocks, heads=params.heads, attention=params.attention, dropout=params.dropout,
-                   init_scale=params.init_scale)
+                   init_scale=params.init_scale, init=params.init)
 
     def _context(self, x: Tensor, context: Tensor | None) -> Tensor | None:
         if self.context_shape is None:
@@ -171,23 +182,32 @@ class GatedResNet(nn.Module):
                 f"B = {x.shape[0]}, got {tuple(context.shape)}."
             )
         if context.dim() == 2:
-            context = context[:, :, None, None]
+            return context
         return concat_elu(context.to(x.dtype))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.in_shape:
             c, h, w = self.in_shape
             raise ShapeError(f"GatedResNet expected input of shape (B, {c}, {h}, {w}), got {tuple(x.shape)}.")
-        context_elu = self._context(x, context)
+        context = self._context(x, context)
         batch, _, height, width = x.shape
         h = self.conv_in(x)
         for conv, norm1, attn, norm2 in zip(self.convs, self.norms1, self.attns, self.norms2, strict=True):
-            h = conv(h, context_elu)
+            h = conv(h, context)
             tokens = norm1(h.permute(0, 2, 3, 1)).reshape(batch, height * width, -1)
             tokens = norm2(attn(tokens, self.pos.to(tokens.dtype)))
             # A channels-last view: the next convolution reads it without a copy.
             h = tokens.view(batch, height, width, -1).permute(0, 3, 1, 2)
         return self.conv_out(h)
+
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, context: Tensor | None = None) -> None:
+        """With ``init = "data"``, Flow++'s data-dependent initialisation on the batch ``x`` (once:
+        a restored net keeps its weights; the ``initialized`` flag lives in the state dict)."""
+        if self.data_init and not bool(self.initialized):  # the flag exists exactly when data_init
+            data_dependent_init(self, lambda: self(x, context), skip=(VectorContext,))
+            self.initialized.fill_(True)
 
 
 @hookimpl

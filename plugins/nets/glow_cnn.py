@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowkit import PartRef, ShapeError, hookimpl, param
+from flowkit.contracts.context import VectorContext, context_form
+from flowkit_plugins.nets._edge import conv
 
 Shape = tuple[int, ...]
 
@@ -19,6 +21,8 @@ class GlowCNNParams:
     hidden: int = param(64, "channels of the hidden layers (Glow uses 512)")
     blocks: int = param(0, "extra residual 3x3 blocks after the 1x1 layer (Wavelet Flow uses 3)")
     actnorm: bool = param(False, "actnorm after each hidden convolution, as Glow does")
+    edge_bias: bool = param(
+        False, "the 3x3 convolutions also see a channel marking the zero padding (openai/glow's tfops.conv2d default)")
     output_scale: bool = param(True, "multiply the output by exp(3 * logs), logs zero-initialised (Glow)")
 
     def __post_init__(self) -> None:
@@ -31,9 +35,11 @@ class GlowCNNParams:
 class GlowCNN(nn.Module):
     """Conditioner ``(x, context) -> (B, out_channels, H, W)``: Glow's ``NN()``.
 
-    ``conv3x3(C + Cc -> hidden) -> ReLU -> conv1x1 -> ReLU -> [residual blocks] -> conv3x3(-> out)``.
-    The context is concatenated to the input channels: a spatial context ``(B, Cc, H, W)`` as
-    is, a vector context ``(B, Cc)`` broadcast over the pixels. The last convolution (weights
+    ``conv3x3(C + Cc -> hidden) -> ReLU -> conv1x1 [+ W z] -> ReLU -> [residual blocks] -> conv3x3(-> out)``.
+    A spatial context ``(B, Cc, H, W)`` is concatenated to the input channels; a vector context
+    ``z`` of shape ``(B, Cz)`` is projected by a zero-initialised linear layer and added to the
+    features of the 1x1 convolution, before its ReLU (`flowkit.contracts.context.VectorContext`;
+    the VAE-flow's ``global_linear``). The last convolution (weights
     and bias) is zero, so a coupling using this net starts as its identity-like map; with
     ``output_scale`` its output is multiplied by ``exp(3 * logs)`` with a per-channel ``logs``
     starting at zero (Glow's ``Conv2dZeros``). Each residual block is
@@ -47,7 +53,8 @@ class GlowCNN(nn.Module):
 
     def __init__(
         self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None = None, hidden: int = 64,
-        blocks: int = 0, actnorm: bool = False, output_scale: bool = True, build: Any = None,
+        blocks: int = 0, actnorm: bool = False, output_scale: bool = True, edge_bias: bool = False,
+        build: Any = None,
     ) -> None:
         super().__init__()
         if len(in_shape) != 3:
@@ -55,21 +62,12 @@ class GlowCNN(nn.Module):
         channels, height, width = (int(s) for s in in_shape)
         self.in_shape = (channels, height, width)
         self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
-        context_channels = 0
-        if self.context_shape is not None:
-            if len(self.context_shape) == 3 and self.context_shape[1:] != (height, width):
-                raise ShapeError(
-                    f"GlowCNN got a context of shape {self.context_shape} for inputs of shape "
-                    f"{self.in_shape}; a spatial context needs the same height and width ({height}, {width})."
-                )
-            if len(self.context_shape) not in (1, 3):
-                raise ShapeError(
-                    f"GlowCNN accepts a context of shape (Cc,) or (Cc, {height}, {width}), got {self.context_shape}."
-                )
-            context_channels = self.context_shape[0]
+        form = context_form(self.context_shape, self.in_shape, "GlowCNN")
+        context_channels = self.context_shape[0] if form == "spatial" else 0
         self.out_channels = out_channels
-        self.conv_in = nn.Conv2d(channels + context_channels, hidden, 3, padding=1, bias=not actnorm)
+        self.conv_in = conv(channels + context_channels, hidden, 3, edge_bias=edge_bias, bias=not actnorm)
         self.conv_mid = nn.Conv2d(hidden, hidden, 1, bias=not actnorm)
+        self.vector = VectorContext(self.context_shape[0], hidden) if form == "vector" else None
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(hidden, hidden, 3, padding=1))
@@ -83,7 +81,7 @@ class GlowCNN(nn.Module):
                 build(PartRef("transform", "actnorm"), in_shape=(hidden, height, width), context_shape=None)
                 for _ in range(2)
             )
-        self.conv_out = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        self.conv_out = conv(hidden, out_channels, 3, edge_bias=edge_bias)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1)) if output_scale else None
@@ -95,7 +93,8 @@ class GlowCNN(nn.Module):
     ) -> GlowCNN:
         """Glow's coupling network: 3x3, 1x1, 3x3 convolutions, zero-initialised output."""
         return cls(in_shape, out_channels=out_channels, context_shape=context_shape, hidden=params.hidden,
-                   blocks=params.blocks, actnorm=params.actnorm, output_scale=params.output_scale, build=build)
+                   blocks=params.blocks, actnorm=params.actnorm, output_scale=params.output_scale,
+                   edge_bias=params.edge_bias, build=build)
 
     def _input(self, x: Tensor, context: Tensor | None) -> Tensor:
         if self.context_shape is None:
@@ -114,8 +113,8 @@ class GlowCNN(nn.Module):
                 f"GlowCNN expected a context of shape (B, {', '.join(map(str, self.context_shape))}) with "
                 f"B = {x.shape[0]}, got {tuple(context.shape)}."
             )
-        if context.dim() == 2:
-            context = context[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+        if self.vector is not None:
+            return x
         return torch.cat([x, context.to(x.dtype)], dim=1)
 
     def _norm(self, index: int, h: Tensor, init: bool) -> Tensor:
@@ -127,7 +126,10 @@ class GlowCNN(nn.Module):
 
     def _hidden(self, x: Tensor, context: Tensor | None, init: bool = False) -> Tensor:
         h = F.relu(self._norm(0, self.conv_in(self._input(x, context)), init))
-        h = F.relu(self._norm(1, self.conv_mid(h), init))
+        h = self._norm(1, self.conv_mid(h), init)
+        if self.vector is not None:
+            h = h + self.vector(context, h.dtype)
+        h = F.relu(h)
         for block in self.blocks:
             h = h + block(h)
         return h

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from flowkit import Prior, ShapeError, hookimpl, param
+from flowkit_plugins.nets._edge import conv
 
 if TYPE_CHECKING:
     from flowkit.registry import RegisterFn
@@ -22,6 +23,10 @@ LOG_2PI = math.log(2 * math.pi)
 @dataclass(frozen=True, kw_only=True)
 class ConditionalGaussianParams:
     hidden: int = param(0, "0: one zero-initialised layer; H: a layer of H channels, ReLU, then the zero-initialised one")
+    edge_bias: bool = param(
+        False, "image contexts: the 3x3 convolutions also see a channel marking the zero padding (openai/glow)")
+    output_scale: bool = param(
+        False, "multiply the last layer's output by exp(3 * logs), logs zero-initialised (openai/glow's conv2d_zeros)")
 
     def __post_init__(self) -> None:
         if self.hidden < 0:
@@ -68,7 +73,8 @@ class ConditionalGaussian(Prior):
         torch.Size([5, 3, 4, 4])
     """
 
-    def __init__(self, shape: Shape, context_shape: Shape | None, hidden: int = 0) -> None:
+    def __init__(self, shape: Shape, context_shape: Shape | None, hidden: int = 0, *, edge_bias: bool = False,
+                 output_scale: bool = False) -> None:
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         if context_shape is None:
@@ -94,11 +100,11 @@ class ConditionalGaussian(Prior):
             cin, cout = self.context_shape[0], 2 * self.shape[0]
             if hidden:
                 self.net = nn.Sequential(
-                    nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(),
-                    _zero_(nn.Conv2d(hidden, cout, 3, padding=1)),
+                    conv(cin, hidden, 3, edge_bias=edge_bias), nn.ReLU(),
+                    _zero_(conv(hidden, cout, 3, edge_bias=edge_bias)),
                 )
             else:
-                self.net = _zero_(nn.Conv2d(cin, cout, 3, padding=1))
+                self.net = _zero_(conv(cin, cout, 3, edge_bias=edge_bias))
         elif len(self.context_shape) == 1:
             cin, cout = self.context_shape[0], 2 * math.prod(self.shape)
             if hidden:
@@ -110,6 +116,8 @@ class ConditionalGaussian(Prior):
                 f"The conditional_gaussian prior got a context shape {self.context_shape}; it must be "
                 "an image (Cc, H, W) or a vector (Cc,)."
             )
+        out_shape = (1, cout, 1, 1) if self.spatial else (1, cout)
+        self.logs = nn.Parameter(torch.zeros(out_shape)) if output_scale else None
 
     @classmethod
     def from_params(
@@ -117,7 +125,8 @@ class ConditionalGaussian(Prior):
         build: Callable[..., Any] | None = None,
     ) -> ConditionalGaussian:
         """A diagonal Gaussian over ``in_shape`` with mean and log-scale from the context."""
-        return cls(in_shape, context_shape, hidden=params.hidden)
+        return cls(in_shape, context_shape, hidden=params.hidden, edge_bias=params.edge_bias,
+                   output_scale=params.output_scale)
 
     def _check_context(self, context: Tensor | None, n: int, spatial_size: Shape | None = None) -> Tensor:
         """Raises `ShapeError` unless ``context`` fits; ``spatial_size`` is the latents' (H, W)."""
@@ -147,6 +156,8 @@ class ConditionalGaussian(Prior):
         """``(mean, log_scale)`` for a checked context, each of shape ``(B, *shape)`` for the
         context's own spatial size."""
         out = self.net(context)
+        if self.logs is not None:
+            out = out * torch.exp(3.0 * self.logs)
         if self.spatial:
             mean, log_scale = out.chunk(2, dim=1)
             return mean, log_scale

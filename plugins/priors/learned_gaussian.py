@@ -88,11 +88,13 @@ class LearnedGaussian(Prior):
 
     def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check_context_none(context)
-        if tuple(z.shape[1:]) != self.shape:
-            raise ShapeError(
-                f"The learned_gaussian prior expected latents of shape (B, {', '.join(map(str, self.shape))}), "
-                f"got {tuple(z.shape)}."
-            )
+        # Per channel the density factorises over positions, so a fully convolutional model
+        # trained on crops (Wavelet Flow's top levels) may pass other spatial sizes.
+        fits = z.dim() == len(self.shape) + 1 and z.shape[1] == self.shape[0] if self.per == "channel" \
+            else tuple(z.shape[1:]) == self.shape
+        if not fits:
+            expected = ", ".join(map(str, self.shape if self.per == "element" else (self.shape[0], "...")))
+            raise ShapeError(f"The learned_gaussian prior expected latents of shape (B, {expected}), got {tuple(z.shape)}.")
         with torch.autocast(device_type=z.device.type, enabled=False):
             dtype = torch.promote_types(torch.promote_types(z.dtype, self.loc.dtype), torch.float32)
             loc, log_scale = self.loc.to(dtype), self.log_scale.to(dtype)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowkit import ShapeError, Transform
+from flowkit.contracts.context import VectorContext, context_form
 from flowkit.contracts.transform import logdet_dtype
 
 Direction = Literal["up", "down", "left", "right"]
@@ -41,8 +42,9 @@ def _from_canonical(t: Tensor, direction: str) -> Tensor:
 
 
 def default_hidden(channels: int) -> int:
-    """The reference code's width: 4C below 32 channels, else min(2C, 512)."""
-    return 4 * channels if channels < 32 else min(2 * channels, 512)
+    """The reference code's width: 4C up to 96 channels, else min(2C, 512) (XuezheMax/macow
+    ``macow/flows/conv.py``, ``MaskedConvFlow.__init__``: ``if in_channels <= 96``)."""
+    return 4 * channels if channels <= 96 else min(2 * channels, 512)
 
 
 class MaskedConvFlow(Transform):
@@ -69,8 +71,10 @@ class MaskedConvFlow(Transform):
         direction: ``up``, ``down``, ``left`` or ``right``.
         kernel: ``(k, l)``: ``k`` rows of context before the pixel, ``l`` (odd) wide.
         hidden: channels of the masked convolution.
-        context_shape: ``(C_ctx, H, W)`` or ``None``; a context enters the hidden layer through
-            a 3x3 convolution (it does not depend on ``x``, so the Jacobian stays triangular).
+        context_shape: ``(C_ctx, H, W)``, ``(C_z,)`` or ``None``; a context enters the hidden
+            layer through a 3x3 convolution, a vector through a zero-initialised linear
+            projection (`flowkit.contracts.context`); it does not depend on ``x``, so the
+            Jacobian stays triangular.
 
     References:
         Ma et al., "MaCow: Masked Convolutional Generative Flow", NeurIPS 2019, section 3.1.
@@ -98,14 +102,12 @@ class MaskedConvFlow(Transform):
         # reference's data-dependent init with init_scale 0 does).
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.context_conv: nn.Conv2d | None = None
-        if self.context_shape is not None:
-            if len(self.context_shape) != 3 or tuple(self.context_shape[1:]) != self.in_shape[1:]:
-                raise ShapeError(
-                    f"MaskedConvFlow needs a spatial context of shape (C, {self.in_shape[1]}, "
-                    f"{self.in_shape[2]}), got context_shape = {self.context_shape}."
-                )
+        self.context_conv: nn.Module | None = None
+        form = context_form(self.context_shape, self.in_shape, "MaskedConvFlow")
+        if form == "spatial":
             self.context_conv = nn.Conv2d(self.context_shape[0], hidden, 3, padding=1)
+        elif form == "vector":
+            self.context_conv = VectorContext(self.context_shape[0], hidden)
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         self.check_context(x, context)
@@ -156,8 +158,8 @@ class MaskedConvFlow(Transform):
         # this differentiable, so the inverse's Jacobian can be checked by autograd.
         for i in range(height):
             hidden = self.conv(torch.cat(window[-rows:], dim=2))
-            if ctx is not None:
-                hidden = hidden + ctx[:, :, i : i + 1]
+            if ctx is not None:  # a vector context's hidden offset is one (B, hidden, 1, 1) for all rows
+                hidden = hidden + (ctx if ctx.shape[2] == 1 else ctx[:, :, i : i + 1])
             mu, log_scale = self._mu_log_scale(hidden)
             row = (zc[:, :, i : i + 1] - mu) * torch.exp(-log_scale)
             solved.append(row)

@@ -17,7 +17,7 @@ class MaCowParams:
     kernel: tuple[int, ...] = param(
         (2, 3), "masked kernel (k, l): k rows (columns) of context before the pixel, l wide and odd; paper: 2x3"
     )
-    hidden: int = param(0, "hidden channels of each masked convolution (0: 4C below 32 channels, else min(2C, 512))")
+    hidden: int = param(0, "hidden channels of each masked convolution (0: the reference's 4C up to 96 channels, else min(2C, 512))")
     directions: tuple[str, ...] = param(
         DIRECTIONS, "order of the masked-conv flows in a unit; an actnorm precedes every two of them"
     )

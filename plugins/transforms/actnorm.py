@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,8 @@ Shape = tuple[int, ...]
 @dataclass(frozen=True, kw_only=True)
 class ActNormParams:
     scale: float = param(1.0, "standard deviation of each channel after initialisation (Glow's actnorm scale)")
+    per: Literal["channel", "element"] = param(
+        "channel", "one bias and scale per channel (Glow) or per channel and position (Flow++'s Norm)")
 
     def __post_init__(self) -> None:
         if not self.scale > 0:
@@ -28,7 +30,9 @@ class ActNorm(Transform):
 
     ``initialize(x)`` sets ``bias = -mean`` and ``log_scale = log(scale / std)`` (over batch
     and pixels, per channel), so the output of that batch has zero mean and standard deviation
-    ``scale`` per channel (Kingma & Dhariwal 2018, section 3.1). It runs once: the
+    ``scale`` per channel (Kingma & Dhariwal 2018, section 3.1). With ``per = "element"`` there
+    is one bias and scale per channel and position, initialised over the batch alone (Flow++'s
+    ``Norm``, aravindsrinivas/flowpp ``flows/flows.py``); the input size is then fixed. It runs once: the
     ``initialized`` buffer is saved with the state dict, so a restored model keeps its values.
     Storing the log-scale keeps the scale positive and the log-det exact.
 
@@ -48,13 +52,16 @@ class ActNorm(Transform):
         >>> z, logabsdet = t(torch.randn(2, 3, 4, 4))
     """
 
-    def __init__(self, num_channels: int, *, scale: float = 1.0, context_shape: Shape | None = None) -> None:
+    def __init__(self, num_channels: int, *, scale: float = 1.0, context_shape: Shape | None = None,
+                 size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.num_channels = num_channels
         self.scale = scale
         self.context_shape = context_shape
-        self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
-        self.log_scale = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.size = size  # (H, W) of a per-element actnorm; None: per channel
+        shape = (1, num_channels, *(size or (1, 1)))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.log_scale = nn.Parameter(torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
 
     @classmethod
@@ -62,16 +69,18 @@ class ActNorm(Transform):
         cls, params: ActNormParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any = None
     ) -> ActNorm:
         """Per-channel affine normalisation with data-dependent initialisation (Glow)."""
-        return cls(int(in_shape[0]), scale=params.scale, context_shape=context_shape)
+        size = (int(in_shape[1]), int(in_shape[2])) if params.per == "element" else None
+        return cls(int(in_shape[0]), scale=params.scale, context_shape=context_shape, size=size)
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.num_channels:
+        if x.dim() != 4 or x.shape[1] != self.num_channels or (self.size and tuple(x.shape[2:]) != self.size):
+            h, w = self.size or ("H", "W")
             raise ShapeError(
-                f"ActNorm expected input of shape (B, {self.num_channels}, H, W), got {tuple(x.shape)}."
+                f"ActNorm expected input of shape (B, {self.num_channels}, {h}, {w}), got {tuple(x.shape)}."
             )
 
     def _logabsdet(self, x: Tensor) -> Tensor:
-        pixels = x.shape[2] * x.shape[3]
+        pixels = 1 if self.size else x.shape[2] * x.shape[3]
         return zeros_logabsdet(x) + pixels * self.log_scale.to(logdet_dtype(x)).sum()
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -93,16 +102,17 @@ class ActNorm(Transform):
         self._check_input(x)
         if bool(self.initialized):
             return
-        flat = x.detach().transpose(0, 1).reshape(self.num_channels, -1).to(logdet_dtype(x))
-        mean = flat.mean(dim=1)
-        std = flat.std(dim=1, unbiased=False)
+        x = x.detach().to(logdet_dtype(x))
+        dims = (0,) if self.size else (0, 2, 3)
+        mean = x.mean(dim=dims)
+        std = x.std(dim=dims, unbiased=False)
         self.bias.copy_((-mean).view_as(self.bias))
         # The epsilon guards constant channels (e.g. zero padding), as Glow's 1e-6 does.
         self.log_scale.copy_(torch.log(self.scale / (std + 1e-6)).view_as(self.log_scale))
         self.initialized.fill_(True)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, scale={self.scale}"
+        return f"{self.num_channels}, scale={self.scale}" + (f", per element of {self.size}" if self.size else "")
 
 
 @hookimpl

@@ -54,6 +54,8 @@ SMALL: dict[tuple[str, str], dict[str, Any]] = {
     ("coupling", "mixlogistic"): {k: v for k, v in TINY_MIXLOGISTIC.items() if k != "use"},
     ("step", "glow"): {"coupling": TINY_GLOW["coupling"]},
     ("step", "macow"): {"units": 1, "glow": TINY_GLOW},
+    ("step", "flowpp"): {"coupling": TINY_MIXLOGISTIC, "noise": 0.3},
+    ("net", "wavelet_flow_resnet"): {"hidden": 8, "blocks": 1},
     ("net", "glow_cnn"): {"hidden": 8},
     ("net", "gated_resnet"): {k: v for k, v in TINY_GATED.items() if k != "use"},
     ("dequantizer", "variational"): {"steps": 2, "step": TINY_GLOW_CHECKERBOARD, "context_channels": 4, "context_blocks": 1,

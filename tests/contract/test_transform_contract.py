@@ -47,7 +47,8 @@ def builder() -> Builder:
 #: Params overrides of parts that are exact only to a tolerance of their own: mixlogistic's
 #: bisection inverse stops at tol (1e-6 by default), so the contract builds it at 1e-12 and
 #: holds it, like every other part, to flowkit.testing's float64 defaults (atol 1e-10, rtol 1e-8).
-OVERRIDES = {("coupling", "mixlogistic"): {"tol": 1e-12}}
+OVERRIDES = {("coupling", "mixlogistic"): {"tol": 1e-12},
+             ("step", "flowpp"): {"coupling": {"use": "mixlogistic", "tol": 1e-12}}}
 
 
 def _build(builder: Builder, kind: str, name: str, context_shape, x, context):

@@ -79,7 +79,7 @@ def test_wrong_type_names_expected_type(plugins, tmp_path: Path) -> None:
 
 def test_literal_lists_allowed_values(plugins, tmp_path: Path) -> None:
     message = problems(plugins, write(tmp_path, BASE + 'optimizer = "sgd"\n'))
-    assert "train.optimizer" in message and '"adamax", "adam", "adamw"' in message
+    assert "train.optimizer" in message and '"adamax", "adamax_openai", "adam", "adamw"' in message
 
 
 def test_n_bits_out_of_range(plugins, tmp_path: Path) -> None:

@@ -61,9 +61,24 @@ def test_is_unconditional():
 
 
 def test_wrong_latent_shape_is_refused():
-    prior = LearnedGaussian((2, 3, 3))
+    prior = LearnedGaussian((2, 3, 3), per="element")
     with pytest.raises(flowkit.ShapeError, match=r"\(B, 2, 3, 3\)"):
         prior.log_prob(torch.zeros(1, 2, 4, 4))
+    with pytest.raises(flowkit.ShapeError, match=r"\(B, 2, \.\.\.\)"):
+        LearnedGaussian((2, 3, 3)).log_prob(torch.zeros(1, 3, 3, 3))
+
+
+def test_per_channel_takes_any_spatial_size_as_a_crop_of_the_same_density():
+    """Wavelet Flow's top levels train on crops: per channel the density factorises over
+    positions, so a crop's log-density is the sum over its own positions."""
+    prior = LearnedGaussian((2, 4, 4))
+    with torch.no_grad():
+        prior.loc.normal_()
+        prior.log_scale.normal_()
+    z = torch.randn(3, 2, 4, 4)
+    crop = z[..., 1:3, :2]
+    by_hand = torch.distributions.Normal(prior.loc, prior.log_scale.exp()).log_prob(crop).flatten(1).sum(1)
+    torch.testing.assert_close(prior.log_prob(crop), by_hand)
 
 
 def test_per_must_be_channel_or_element():

@@ -1,0 +1,39 @@
+"""openai/glow's edge padding: a 'same' convolution that also sees where the padding is.
+
+openai/glow ``tfops.py`` (``conv2d`` and ``conv2d_zeros`` with ``edge_bias=True``, the default,
+``add_edge_padding``): the input is zero-padded by ``k // 2`` on each side and one channel is
+appended that is 1 on the padded border and 0 inside, then a 'valid' convolution runs. The
+filter has one more input channel than the data; at initialisation nothing else changes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class EdgePaddedConv2d(nn.Conv2d):
+    """``Conv2d(c_in + 1 -> c_out, k)`` over the zero-padded input and its border mask.
+
+    Fully convolutional: the mask is built for the size of each input, so crops of other sizes work.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> None:
+        super().__init__(in_channels + 1, out_channels, kernel_size, padding=0, bias=bias)
+        self.pad = kernel_size // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.pad
+        padded = F.pad(x, (p, p, p, p))
+        border = torch.ones_like(padded[:, :1])
+        border[:, :, p : p + x.shape[2], p : p + x.shape[3]] = 0.0
+        return super().forward(torch.cat([padded, border], dim=1))
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int, *, edge_bias: bool, bias: bool = True) -> nn.Conv2d:
+    """A 'same' convolution, with openai/glow's edge channel when ``edge_bias`` and the kernel is
+    larger than 1x1 (a 1x1 convolution needs no padding, and openai adds none)."""
+    if edge_bias and kernel_size > 1:
+        return EdgePaddedConv2d(in_channels, out_channels, kernel_size, bias=bias)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)

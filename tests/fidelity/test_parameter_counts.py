@@ -1,0 +1,56 @@
+"""Every `paper` preset has the parameter count of its reference code, within 0.5%.
+
+The references were counted from the released code's layer shapes (docs/baselines/fidelity.md
+shows the sums); each constant names its file. A preset that drifts from its reference (a
+missing edge-padding channel, the wrong coupling net, a width rule) moves its count and fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowkit.api import default_plugins
+from flowkit.recipes.load import load_recipe
+from flowkit.runs.inspect import inspect
+
+# YorkUCVIL/Wavelet-Flow @8d6d63f, src/data/imagenet_64_haar/config.hjson (l.15-42) with the layers
+# of src/tf_components/bijector/{Coupling,Act_norm,Invertible_1x1}.py and Single_scale_flow.py.
+WAVELET_FLOW_IMAGENET64 = 96_139_794
+# openai/glow, README.md l.72 (CIFAR-10, --n_level 3 --depth 32 --learntop, width 512): model.py and
+# tfops.py with edge_bias (467,748 of them in the edge channels; 83,136 in learntop's conv of zeros).
+GLOW_CIFAR10 = 44_603_604
+# aravindsrinivas/flowpp @737fadb, flows/run_cifar.py l.1-6 (the docstring: "Params: 31,443,440").
+FLOWPP_CIFAR10 = 31_443_440
+# XuezheMax/macow, experiments/configs/cifar10-vdq.json: 37,197,547 in the flow and 1,205,876 in
+# the dequantizer (macow/flows/{macow,glow,conv,nice}.py, macow/flows/dequant.py).
+MACOW_CIFAR10 = 37_197_547 + 1_205_876
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+CASES = [
+    ("wavelet_flow_affine", (3, 64, 64), WAVELET_FLOW_IMAGENET64),
+    ("glow", (3, 32, 32), GLOW_CIFAR10),
+    ("flowpp", (3, 32, 32), FLOWPP_CIFAR10),
+    ("macow", (3, 32, 32), MACOW_CIFAR10),
+]
+
+
+@pytest.mark.parametrize(("recipe", "shape", "reference"), CASES, ids=[c[0] for c in CASES])
+def test_paper_preset_has_the_reference_parameter_count(recipe: str, shape: tuple[int, int, int],
+                                                        reference: int) -> None:
+    plugins = default_plugins()
+    resolved = load_recipe(RECIPES / f"{recipe}.toml", plugins.registries, preset="paper")
+    torch.manual_seed(0)
+    counted = inspect(resolved, plugins, shape=shape, memory=False).params
+    gap = (counted - reference) / reference
+    assert abs(gap) <= 0.005, f"{recipe} --preset paper: {counted:,} parameters, the reference {reference:,} ({gap:+.2%})"
+
+
+def test_the_wavelet_flow_preset_is_exactly_the_reference() -> None:
+    """Wavelet Flow's count is not only close but equal: every layer is the reference's."""
+    plugins = default_plugins()
+    resolved = load_recipe(RECIPES / "wavelet_flow_affine.toml", plugins.registries, preset="paper")
+    assert inspect(resolved, plugins, shape=(3, 64, 64), memory=False).params == WAVELET_FLOW_IMAGENET64
