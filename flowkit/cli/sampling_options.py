@@ -51,7 +51,8 @@ class SamplingOptions:
 
 
 def sampling_options(*, n: int = 64, n_help: str = "Images to sample.", n_aliases: Sequence[str] = (),
-                     temperatures: Sequence[float] | None = None, seed: int | None = None) -> Callable[[F], F]:
+                     temperatures: Sequence[float] | None = None, seed: int | None = None,
+                     temperature_help: str = "Sampling temperature T", mcmc: bool = True) -> Callable[[F], F]:
     """Adds ``--n``, ``--temperature`` (repeatable), ``--seed``, ``--mcmc`` and ``--mcmc-warmup``,
     ``--mcmc-samples``, ``--mcmc-step``, ``--mcmc-max-depth`` to a click command, which gets them
     as ``sampling: SamplingOptions``.
@@ -61,6 +62,10 @@ def sampling_options(*, n: int = 64, n_help: str = "Images to sample.", n_aliase
             (``superres`` keeps its ``--samples``).
         temperatures, seed: the command's own defaults; ``None`` means the recipe's ``[sample]``
             values, which the command resolves with `SamplingOptions.temperatures_or`/``seed_or``.
+        temperature_help: what T scales, for commands where it is not the whole latent
+            (``swap``: the standard deviation of q(z|x)).
+        mcmc: offer ``--mcmc`` and its settings; false for commands whose draws are not from the
+            model's latent density (``swap``, ``interpolate``).
     """
     shown_temperatures = "the recipe's" if temperatures is None else ", ".join(f"{t:g}" for t in temperatures)
     shown_seed = "the recipe's" if seed is None else str(seed)
@@ -68,9 +73,11 @@ def sampling_options(*, n: int = 64, n_help: str = "Images to sample.", n_aliase
         click.option("--n", *n_aliases, "sampling_n", type=click.IntRange(min=1), default=n, show_default=True,
                      help=n_help),
         click.option("--temperature", "sampling_temperatures", type=click.FloatRange(min=0.0), multiple=True,
-                     help=f"Sampling temperature T (repeatable, one output each; default: {shown_temperatures})."),
+                     help=f"{temperature_help} (repeatable, one output each; default: {shown_temperatures})."),
         click.option("--seed", "sampling_seed", type=int, default=None,
                      help=f"Seed of the sampling noise (default: {shown_seed})."),
+    ]
+    mcmc_options = [
         click.option("--mcmc", is_flag=True,
                      help="Annealed sampling: NUTS per level on p^(1/T²) in the latent space (needs the mcmc extra)."),
         click.option("--mcmc-warmup", type=click.IntRange(min=0), default=DEFAULT_MCMC.warmup, show_default=True,
@@ -86,30 +93,39 @@ def sampling_options(*, n: int = 64, n_help: str = "Images to sample.", n_aliase
     def decorate(command: F) -> F:
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            ctx = click.get_current_context()
-            mcmc = kwargs.pop("mcmc")
-            values = {name: kwargs.pop(name) for name in MCMC_FLAGS}
-            given = [flag for name, flag in MCMC_FLAGS.items()
-                     if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-            if given and not mcmc:
-                raise click.UsageError(f"{', '.join(given)} only apply with --mcmc; add --mcmc or drop them.")
-            settings = MCMCSettings(warmup=values["mcmc_warmup"], samples=values["mcmc_samples"],
-                                    step=values["mcmc_step"], max_depth=values["mcmc_max_depth"])
-            given_seed = kwargs.pop("sampling_seed")
             kwargs["sampling"] = SamplingOptions(
                 n=kwargs.pop("sampling_n"),
                 temperatures=tuple(kwargs.pop("sampling_temperatures")) or tuple(temperatures or ()),
-                seed=seed if given_seed is None else given_seed,
-                mcmc=settings if mcmc else None,
+                seed=_or(kwargs.pop("sampling_seed"), seed),
+                mcmc=_mcmc_settings(kwargs) if mcmc else None,
             )
             return command(*args, **kwargs)
 
         decorated: Any = wrapper
-        for option in reversed(options):
+        for option in reversed(options + (mcmc_options if mcmc else [])):
             decorated = option(decorated)
         return decorated
 
     return decorate
+
+
+def _or(given: int | None, default: int | None) -> int | None:
+    return default if given is None else given
+
+
+def _mcmc_settings(kwargs: dict[str, Any]) -> MCMCSettings | None:
+    """The ``--mcmc`` settings popped from a command's arguments; None without ``--mcmc``, where
+    an ``--mcmc-*`` option given on the command line is refused."""
+    annealed = kwargs.pop("mcmc")
+    values = {name: kwargs.pop(name) for name in MCMC_FLAGS}
+    ctx = click.get_current_context()
+    given = [flag for name, flag in MCMC_FLAGS.items() if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if given and not annealed:
+        raise click.UsageError(f"{', '.join(given)} only apply with --mcmc; add --mcmc or drop them.")
+    if not annealed:
+        return None
+    return MCMCSettings(warmup=values["mcmc_warmup"], samples=values["mcmc_samples"], step=values["mcmc_step"],
+                        max_depth=values["mcmc_max_depth"])
 
 
 def mcmc_progress(n: int) -> Callable[[float, LevelReport], None]:

@@ -255,19 +255,18 @@ def _temperatures(values: tuple[float, ...]) -> tuple[float, ...]:
 def flowkit_add_commands(cli: Any) -> None:
     import click
 
-    temperature_help = ("Temperature of q(z | x): z is drawn with its standard deviation scaled by T, 0 gives the "
-                        "posterior mean (repeatable, one grid each; default 0).")
+    from flowkit.cli.sampling_options import SamplingOptions, sampling_options
+
+    # The options of every sampling command (flowkit/cli/sampling_options.py); T scales q(z | x)
+    # here, and there is no --mcmc: z is drawn from the posterior, not from the model's latent density.
+    temperature_help = "Temperature of q(z | x): its standard deviation scaled by T, 0 the posterior mean"
 
     @cli.command()
     @click.argument("run_dir", type=click.Path(path_type=Path))
-    @click.option("--images", default=8, show_default=True, help="Test images: their z give the rows, their "
-                  "local latents the columns.")
-    @click.option("--temperature", "temperatures", type=float, multiple=True, help=temperature_help)
-    @click.option("--seed", default=None, type=int, help="Seed of the choice of test images and of z's noise "
-                  "(default: the recipe's sample seed).")
+    @sampling_options(n=8, n_aliases=("--images",), n_help="Test images: their z give the rows, their local "
+                      "latents the columns.", temperatures=(0.0,), temperature_help=temperature_help, mcmc=False)
     @click.pass_context
-    def swap(ctx: click.Context, run_dir: Path, images: int, temperatures: tuple[float, ...],
-             seed: int | None) -> None:
+    def swap(ctx: click.Context, run_dir: Path, sampling: SamplingOptions) -> None:
         """Write a grid that combines the global z of each row's image with the local latent of
         each column's image (the first row and column show the images; the diagonal
         reconstructs them): swap-T<temperature>.png in RUN_DIR/samples."""
@@ -275,24 +274,21 @@ def flowkit_add_commands(cli: Any) -> None:
         from flowkit_plugins.models._vae_grids import pick_test_images, write_swap_grid
 
         rundir, session, model = _trained_vae_flow(ctx, run_dir)
-        seed = session.recipe.sample.seed if seed is None else seed
-        x = pick_test_images(session, images, seed, "--images")
-        for temperature in _temperatures(temperatures):
+        seed = sampling.seed_or(session.recipe.sample.seed)  # also chooses the test images
+        x = pick_test_images(session, sampling.n, seed, "--images")
+        for temperature in _temperatures(sampling.temperatures):
             path = write_swap_grid(session, model, x, rundir.samples / f"swap-T{temperature:g}.png",
                                    temperature=temperature, seed=seed)
             console.print(f"wrote {path}")
 
     @cli.command()
     @click.argument("run_dir", type=click.Path(path_type=Path))
-    @click.option("--pairs", default=4, show_default=True, help="Pairs of test images, one row each.")
+    @sampling_options(n=4, n_aliases=("--pairs",), n_help="Pairs of test images, one row each.",
+                      temperatures=(0.0,), temperature_help=temperature_help, mcmc=False)
     @click.option("--steps", default=8, show_default=True, help="Interpolation points from the first image's "
                   "latent to the second's.")
-    @click.option("--temperature", "temperatures", type=float, multiple=True, help=temperature_help)
-    @click.option("--seed", default=None, type=int, help="Seed of the choice of test images and of z's noise "
-                  "(default: the recipe's sample seed).")
     @click.pass_context
-    def interpolate(ctx: click.Context, run_dir: Path, pairs: int, steps: int, temperatures: tuple[float, ...],
-                    seed: int | None) -> None:
+    def interpolate(ctx: click.Context, run_dir: Path, steps: int, sampling: SamplingOptions) -> None:
         """Write two grids per temperature for pairs of test images (a, b): z interpolated from
         a's to b's with a's local latent fixed (interpolate-z-T<t>.png), and the local latent
         interpolated with a's z fixed (interpolate-local-T<t>.png); each row starts with a and
@@ -303,9 +299,9 @@ def flowkit_add_commands(cli: Any) -> None:
         if steps < 2:
             raise FlowkitError(f"--steps {steps} is too few; an interpolation needs at least 2 points.")
         rundir, session, model = _trained_vae_flow(ctx, run_dir)
-        seed = session.recipe.sample.seed if seed is None else seed
+        seed, pairs = sampling.seed_or(session.recipe.sample.seed), sampling.n
         x = pick_test_images(session, 2 * pairs, seed, "--pairs", per_item=2)
-        for temperature in _temperatures(temperatures):
+        for temperature in _temperatures(sampling.temperatures):
             for path in write_interpolation_grids(session, model, x[:pairs], x[pairs:], rundir.samples,
                                                   steps=steps, temperature=temperature, seed=seed):
                 console.print(f"wrote {path}")

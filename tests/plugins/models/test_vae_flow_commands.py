@@ -63,7 +63,8 @@ def test_commands_refuse_bad_input_with_one_paragraph(smoke_run: Path, tmp_path:
     too_many = flowkit_cli("swap", str(smoke_run), "--images", "1000")
     assert too_many.exit_code == 2 and "--images 1000 is out of range" in too_many.output
     negative = flowkit_cli("swap", str(smoke_run), "--temperature", "-1")
-    assert negative.exit_code == 2 and "--temperature -1" in negative.output
+    # The shared sampling options refuse it before the command runs, naming the option and the range.
+    assert negative.exit_code == 2 and "--temperature" in negative.output and "x>=0.0" in negative.output
     few = flowkit_cli("interpolate", str(smoke_run), "--steps", "1")
     assert few.exit_code == 2 and "--steps 1" in few.output
     alone = tmp_path / "decoder-alone"  # latent_dim = 0: the decoder alone, a multiscale model without z
@@ -109,3 +110,13 @@ def test_interpolations_start_at_the_first_image_and_hold_one_latent() -> None:
     za, zb = model.encode_global(ya), model.encode_global(yb)
     torch.testing.assert_close(z_tiles[:, 4], model.decode(model.encode_local(ya, za), zb))
     torch.testing.assert_close(local_tiles[:, 4], model.decode(model.encode_local(yb, zb), za))
+
+
+def test_swap_and_interpolate_take_the_shared_sampling_options_without_mcmc(smoke_run: Path) -> None:
+    """--n (alias --images / --pairs), --temperature and --seed as in flowkit sample; no --mcmc:
+    z is drawn from q(z | x), not from the model's latent density."""
+    by_n = flowkit_cli("swap", str(smoke_run), "--n", "2", "--temperature", "0.5", "--seed", "3")
+    assert by_n.exit_code == 0 and "swap-T0.5.png" in by_n.output
+    for command in ("swap", "interpolate"):
+        refused = flowkit_cli(command, str(smoke_run), "--mcmc")
+        assert refused.exit_code == 2 and "No such option '--mcmc'" in refused.output
