@@ -26,9 +26,9 @@ class EdgePaddedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         p = self.pad
         padded = F.pad(x, (p, p, p, p))
-        border = torch.ones_like(padded[:, :1])
-        border[:, :, p : p + x.shape[2], p : p + x.shape[3]] = 0.0
-        return super().forward(torch.cat([padded, border], dim=1))
+        # One border map, the same for every image of the batch (expanded, not copied).
+        border = F.pad(x.new_zeros(1, 1, *x.shape[2:]), (p, p, p, p), value=1.0)
+        return super().forward(torch.cat([padded, border.expand(len(x), -1, -1, -1)], dim=1))
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, *, edge_bias: bool, bias: bool = True) -> nn.Conv2d:

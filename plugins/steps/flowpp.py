@@ -62,10 +62,13 @@ class HalvesInvConv(Transform):
         if mask == "checkerboard":
             sizes = (channels, channels)
             self.register_buffer("mask", checkerboard(height, width, parity), persistent=False)
+            first = int(self.mask.sum())
+            self.pixels = (first, height * width - first)  # pixels each matrix acts on
         elif mask == "channel":
             if channels < 2:
                 raise ShapeError(f"HalvesInvConv cannot split {channels} channel(s) in halves.")
             sizes = (channels // 2, channels - channels // 2)
+            self.pixels = (height * width, height * width)
         else:
             raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard".')
         self.weights = nn.ParameterList(
@@ -85,12 +88,7 @@ class HalvesInvConv(Transform):
     def _logabsdet(self, x: Tensor) -> Tensor:
         dtype = logdet_dtype(x)
         logdets = [torch.linalg.slogdet(w.to(dtype))[1] for w in self.weights]
-        if self.mask_kind == "checkerboard":
-            n0 = int(self.mask.sum())
-            counts = (n0, self.mask.numel() - n0)
-        else:
-            counts = (self.in_shape[1] * self.in_shape[2],) * 2
-        return zeros_logabsdet(x) + sum(n * ld for n, ld in zip(counts, logdets, strict=True))
+        return zeros_logabsdet(x) + sum(n * ld for n, ld in zip(self.pixels, logdets, strict=True))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check_context(x, context)
