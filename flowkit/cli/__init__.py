@@ -69,10 +69,10 @@ _startup_plugins = None
 def _add_commands() -> None:
     """The core's commands, then the plugins' (``flowkit_add_commands``: ``superres`` comes from
     the wavelet_flow plugin). Plugins are loaded for this, so a broken plugin is reported here."""
-    from flowkit.cli import ablate, docs_cmd, inspect_cmd, parts, plugins_cmd, report_cmd, run, sample
+    from flowkit.cli import ablate, bench_cmd, docs_cmd, inspect_cmd, parts, plugins_cmd, report_cmd, run, sample
     from flowkit.plugins import make_plugins
 
-    for module in (run, sample, report_cmd, ablate, inspect_cmd, parts, plugins_cmd, docs_cmd):
+    for module in (run, sample, report_cmd, ablate, inspect_cmd, bench_cmd, parts, plugins_cmd, docs_cmd):
         module.register(cli)
     global _startup_plugins
     _startup_plugins = make_plugins()

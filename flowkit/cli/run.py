@@ -96,7 +96,9 @@ def register(cli: click.Group) -> None:
                   help="Override a recipe key, e.g. --set train.lr=3e-4 (repeatable).")
     @click.option("--level", type=int,
                   help="Train one term alone, for models whose terms are densities of their own "
-                       "(a Wavelet Flow level; 0 = base).")
+                       "(a Wavelet Flow level; 0 = base). With --out DIR: a level job, into DIR/levels/<level>/ "
+                       "beside the jobs of the other levels (run them at once, in other processes or on "
+                       "other machines); the last to finish evaluates and samples the whole model.")
     @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/<name>-<time>).")
     @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
     @click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this directory.")
@@ -111,7 +113,9 @@ def register(cli: click.Group) -> None:
             iw_samples: int | None) -> None:
         """Train, evaluate (bits/dim) and sample the model of RECIPE."""
         from flowkit.cli import get_plugins
+        from flowkit.runs import distributed
         from flowkit.runs.run import start_run
+        from flowkit.runs.trainer import SilentReporter
 
         if resume is None and recipe is None:
             raise click.UsageError("give a RECIPE file, or --resume RUN_DIR.")
@@ -126,6 +130,12 @@ def register(cli: click.Group) -> None:
         if iw_samples is not None:  # a recipe value like any other, so recipe.toml records it
             overrides = (*overrides, f"eval.iw_samples={iw_samples}")
         plugins = get_plugins(ctx)
-        run_dir, summary = start_run(recipe, plugins, RichReporter(), preset=preset, overrides=overrides,
-                                     out=out, overwrite=overwrite, resume=resume, from_checkpoint=from_checkpoint)
-        console.print(summary_table(summary, run_dir.path))
+        main = distributed.is_main()  # under torchrun, rank 0 alone reports; the others train quietly
+        try:
+            run_dir, summary = start_run(recipe, plugins, RichReporter() if main else SilentReporter(), preset=preset,
+                                         overrides=overrides, out=out, overwrite=overwrite, resume=resume,
+                                         from_checkpoint=from_checkpoint)
+        finally:
+            distributed.shutdown()
+        if main and run_dir is not None:
+            console.print(summary_table(summary, run_dir.path))

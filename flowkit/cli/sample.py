@@ -26,7 +26,9 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def sample(ctx: click.Context, run_dir: Path, sampling: SamplingOptions) -> None:
         """Write sample grids (PNG) from the trained model in RUN_DIR. With --mcmc, annealed
-        samples, each level's chain reported here and in a JSON next to its grid."""
+        samples, each level's chain reported here and in a JSON next to its grid. A directory of
+        level jobs (run --level i --out RUN_DIR) is sampled with every level, each from its own
+        checkpoint; a missing level is an error naming it."""
         rundir, session = load_trained(ctx, run_dir)
         n = sampling.n
         temps = sampling.temperatures_or(session.recipe.sample.temperatures)

@@ -20,6 +20,7 @@ import torch
 from nflows.transforms.base import Transform as _NflowsTransform
 from torch import Tensor, nn
 
+from flowkit.contracts.reversible import reversible_forward
 from flowkit.errors import ShapeError
 
 Shape = tuple[int, ...]
@@ -77,14 +78,44 @@ class Sequential(Transform):
 
     ``initialize`` runs each child's initialisation on the output of the children before it,
     as Glow's data-dependent actnorm initialisation requires.
+
+    With ``recompute = True`` (`use_recompute`, ``train.memory = "recompute"``) and grad
+    enabled, ``forward`` stores no activations for backward: backward rebuilds each child's
+    input from its output with the child's inverse and recomputes that child alone
+    (`flowkit.contracts.reversible.reversible_forward`, whose docstring lists what the
+    children must satisfy). The values and gradients are those of the plain path, to the
+    round-off of the inverses. Nested Sequentials that only chain their children (Glow steps,
+    MaCow's split flow) are unrolled into their children, so the memory is that of one
+    child, however deep the nesting. Under ``torch.no_grad``, and in ``inverse``, nothing
+    changes.
     """
+
+    #: Rebuild activations in backward with the inverse instead of storing them (see above).
+    recompute: bool = False
 
     def __init__(self, transforms: Iterable[Transform], context_shape: Shape | None = None) -> None:
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
         self.context_shape = context_shape
 
+    def units(self) -> list[Transform]:
+        """The children in order, nested Sequentials replaced by their own units.
+
+        A subclass that overrides ``forward`` or ``inverse`` does more than chain its
+        children, so it stays one unit.
+        """
+        found: list[Transform] = []
+        for transform in self.transforms:
+            chains = (isinstance(transform, Sequential) and type(transform).forward is Sequential.forward
+                      and type(transform).inverse is Sequential.inverse)
+            found += transform.units() if chains else [transform]
+        return found
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.recompute and torch.is_grad_enabled():
+            units = self.units()
+            if units:
+                return reversible_forward(units, x, context)
         total = zeros_logabsdet(x)
         for transform in self.transforms:
             x, logabsdet = transform(x, context)
@@ -103,3 +134,14 @@ class Sequential(Transform):
         for transform in self.transforms:
             transform.initialize(x, context)
             x, _ = transform(x, context)
+
+
+def use_recompute(*modules: nn.Module, enabled: bool = True) -> None:
+    """Sets the ``recompute`` switch of every `Sequential` inside ``modules`` (themselves included).
+
+    ``train.memory = "recompute"`` applies it to the model and the dequantizer.
+    """
+    for module in modules:
+        for child in module.modules():
+            if isinstance(child, Sequential):
+                child.recompute = enabled

@@ -69,7 +69,13 @@ class TrainParams:
     level_threads: int = param(
         1, "train a model's independent terms (Wavelet Flow's levels) side by side in this many "
         "threads, torch single-threaded in each (1: off; faster than intra-op threads on few cores)")
-    amp: Literal["off", "bf16"] = param("off", "autocast the nets to bf16 on CUDA (log-dets stay float32)")
+    amp: Literal["off", "bf16"] = param(
+        "off", "bf16: autocast the nets (convolutions, matmuls) to bfloat16; each transform's map, log-det and "
+        "the likelihood stay float32 (any device; on CPUs without bf16 units it is slower, for checks only)")
+    memory: Literal["store", "recompute"] = param(
+        "store", "store: keep every flow step's activations for backward; recompute: keep none, rebuild each "
+        "step's input from its output with the inverse in backward (memory flat in depth; costs about one "
+        "extra forward and one inverse per step)")
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "init_batch_size", "eval_batch_size", "log_every", "level_threads"):

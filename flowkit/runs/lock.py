@@ -40,14 +40,15 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, what: str = "use") -> RunLock:
+    def acquire(self, what: str = "use", *, wait: bool = False) -> RunLock:
         """Takes the lock at once or raises `RunInUseError` naming the holder's pid; ``what``
-        the refused process wanted to do, for the message."""
+        the refused process wanted to do, for the message. ``wait``: blocks until the holder
+        releases it instead (the jobs of one level-jobs directory take turns assembling it)."""
         if self._fd is not None or fcntl is None:
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError:  # BlockingIOError: held by another open file, in this process or another
             holder = _read_pid(fd)
             os.close(fd)

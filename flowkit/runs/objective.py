@@ -7,12 +7,20 @@ For integer images x with K = 2^n_bits levels, y = (x + u) / K with u ~ q(u | x)
 
 over the whole image. A term of a model with `IndependentTerms` is a density of its own:
 trained or reported alone, its bits/dim are over its own dimensions, with the same offset.
+
+``amp = "bf16"`` (train.amp) runs the model and the dequantizer under bf16 autocast: matmuls and
+convolutions (the coupling, prior and conditioning nets) in bfloat16, while every part's own
+map and log-determinant leaves autocast (invertible 1x1 convolutions, coupling transforms,
+priors, the dequantizer's flow: each says so where it computes them), so the terms, and the
+bits/dim computed from them here, are float32. Autocast state is per thread: `terms` enters it
+itself, so the term threads of train.level_threads get it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -25,21 +33,36 @@ from flowkit.runs.bpd import bits_per_dim
 class Objective:
     """The dequantized bound of one model and dequantizer on images of ``num_dims`` dimensions."""
 
-    def __init__(self, model: DensityModel, dequantizer: Dequantizer, n_bits: int, num_dims: int) -> None:
+    def __init__(self, model: DensityModel, dequantizer: Dequantizer, n_bits: int, num_dims: int,
+                 amp: str = "off") -> None:
+        if amp not in ("off", "bf16"):
+            raise ValueError(f'amp = "{amp}" must be "off" or "bf16".')
         self.model, self.dequantizer = model, dequantizer
         self.n_bits, self.num_dims = n_bits, num_dims
+        self.amp = amp
+
+    @contextlib.contextmanager
+    def autocast(self, like: Tensor) -> Iterator[None]:
+        """bf16 autocast on ``like``'s device when amp = "bf16"; nothing otherwise."""
+        if self.amp == "off":
+            yield
+            return
+        with torch.autocast(device_type=like.device.type, dtype=torch.bfloat16):
+            yield
 
     def dequantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(y, log q(u | x))`` for a batch of integer images (draws from the global RNG)."""
-        return self.dequantizer(x, self.n_bits)
+        with self.autocast(x):
+            return self.dequantizer(x, self.n_bits)
 
     def terms(self, y: Tensor, names: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Every term of log p(y), or only ``names`` (a model with `IndependentTerms`)."""
-        if names is None:
-            return self.model.log_prob_parts(y)
-        if not isinstance(self.model, IndependentTerms):
+        if names is not None and not isinstance(self.model, IndependentTerms):
             raise TypeError(f"{type(self.model).__name__} has no terms that can be computed alone.")
-        return self.model.log_prob_terms(y, names)
+        with self.autocast(y):
+            if names is None:
+                return self.model.log_prob_parts(y)
+            return self.model.log_prob_terms(y, names)
 
     def bits_per_dim(self, terms: dict[str, Tensor], log_q: Tensor | float, alone: str | None = None) -> Tensor:
         """Per-image bits/dim: of the whole image from all its terms and log q, or of the term
@@ -76,6 +99,7 @@ class Objective:
         samples = []
         for _ in range(k):
             y, log_q = self.dequantize(x)
-            log_p = self.model.log_joint_sample(y) if isinstance(self.model, LatentVariable) else self.model.log_prob(y)
+            with self.autocast(y):
+                log_p = self.model.log_joint_sample(y) if isinstance(self.model, LatentVariable) else self.model.log_prob(y)
             samples.append(log_p.double() - torch.as_tensor(log_q).double() - offset)
         return torch.logsumexp(torch.stack(samples), dim=0) - math.log(k)

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from flowkit.contracts.model import LatentVariable
+from flowkit.errors import FlowkitError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import load_recipe
+from flowkit.runs import distributed
 from flowkit.runs.evaluate import evaluate, evaluate_iw
 from flowkit.runs.metrics import require_tensorboard
 from flowkit.runs.report import write_report
@@ -31,14 +33,21 @@ def count_parameters(*modules: torch.nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def execute(session: Session, rundir: RunDir, reporter: Reporter, *, resume: bool = False,
+def execute(session: Session, rundir: RunDir | None, reporter: Reporter, *, resume: bool = False,
             from_checkpoint: str | None = None) -> dict[str, Any]:
     """Trains, evaluates on the full test set, samples; writes summary.json and report.md.
 
     Evaluation and sampling use the weights the recipe evaluates with (the average under
-    train.ema); the importance-weighted estimate runs when eval.iw_samples is set."""
+    train.ema); the importance-weighted estimate runs when eval.iw_samples is set.
+
+    Under torchrun only rank 0 writes ``rundir``, evaluates and samples; the other ranks train
+    their share of each batch and return an empty summary (``rundir``: None for a new run)."""
     started = time.perf_counter()
     recipe = session.recipe
+    world = distributed.world()
+    if not world.main:
+        Trainer(session, rundir, reporter).train(resume=resume, from_checkpoint=from_checkpoint)
+        return {}
     if not resume:
         rundir.recipe_path.write_text(recipe.to_toml(), encoding="utf-8")
     if recipe.log.tensorboard:  # the same records as metrics.jsonl, and the sample grids, in tb/
@@ -90,6 +99,7 @@ def execute(session: Session, rundir: RunDir, reporter: Reporter, *, resume: boo
         "samples": [str(p.relative_to(rundir.path)) for p in samples],
         "level": cfg.level,
         "weights": f"exponential moving average, decay {cfg.ema}" if cfg.ema else "trained (no averaging)",
+        **({"world_size": world.size} if world.size > 1 else {}),  # processes of torchrun; images/s counts all
         **iw,
     }
     if samples:
@@ -122,20 +132,41 @@ def _by_prefix(result: dict[str, Any], prefix: str) -> dict[str, float]:
 
 def start_run(recipe_path: Path | None, plugins: Plugins, reporter: Reporter, *, preset: str | None = None,
               overrides: tuple[str, ...] = (), out: Path | None = None, overwrite: bool = False,
-              resume: Path | None = None, from_checkpoint: str | None = None) -> tuple[RunDir, dict[str, Any]]:
+              resume: Path | None = None, from_checkpoint: str | None = None) -> tuple[RunDir | None, dict[str, Any]]:
     """The `flowkit run` command without its console: returns the run directory and summary.
-    The run directory is locked (`RunDir.lock`) while this runs: a second process is refused."""
+    The run directory is locked (`RunDir.lock`) while this runs: a second process is refused.
+    train.level >= 0 (``--level``) with ``out`` is a level job: it trains into ``out/levels/<term>``
+    beside the other levels' jobs (`flowkit.runs.level_jobs`)."""
+    from flowkit.runs import level_jobs  # it imports this module
+
     if resume is not None:
-        with RunDir.existing(resume).lock("resume") as rundir:
+        if level_jobs.is_level_jobs_dir(resume):
+            raise FlowkitError(f"{resume} holds level jobs: resume one level's job with "
+                               f"`flowkit run --resume {Path(resume) / level_jobs.LEVELS / '<level>'}`.")
+        with _lock_on_rank_0(RunDir.existing(resume), "resume") as rundir:
             recipe = load_recipe(rundir.recipe_path, plugins.registries)
             if recipe.log.tensorboard:
                 require_tensorboard()
-            return rundir, execute(build_session(recipe, plugins), rundir, reporter, resume=True,
-                                   from_checkpoint=from_checkpoint)
+            summary = execute(build_session(recipe, plugins), rundir, reporter, resume=True,
+                              from_checkpoint=from_checkpoint)
+        shared = rundir.path.parent.parent
+        if distributed.is_main() and rundir.path.parent.name == level_jobs.LEVELS and (shared / "recipe.toml").is_file():
+            return level_jobs.assemble(shared, plugins, reporter) or (rundir, summary)
+        return rundir, summary
     recipe = load_recipe(recipe_path, plugins.registries, preset=preset, overrides=overrides)
     if recipe.log.tensorboard:
         require_tensorboard()
     # Everything that can fail on bad input (data files, shapes) fails before the directory exists.
     session = build_session(recipe, plugins)
+    if not distributed.is_main():  # torchrun's other ranks: no run directory, nothing written
+        return None, execute(session, None, reporter)
+    if recipe.train.level >= 0 and out is not None:  # rank 0 of a level job joins, writes and assembles
+        return level_jobs.run_level_job(session, plugins, reporter, out, overwrite=overwrite)
     with RunDir.create(recipe.meta.name + (f"-{preset}" if preset else ""), out, overwrite=overwrite) as rundir:
         return rundir, execute(session, rundir, reporter)
+
+
+def _lock_on_rank_0(rundir: RunDir, what: str) -> RunDir:
+    """The run directory, locked by rank 0 under torchrun; the other ranks only read it (a resume's
+    checkpoint), and a lock file is a write."""
+    return rundir.lock(what) if distributed.is_main() else rundir

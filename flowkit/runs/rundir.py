@@ -64,9 +64,10 @@ class RunDir:
             raise FlowkitError(f"{path} is not a flowkit run directory: it has no recipe.toml.")
         return cls(path)
 
-    def lock(self, what: str = "use") -> RunDir:
-        """Takes the directory's lock, or raises `RunInUseError` when a live process holds it."""
-        self._lock.acquire(what)
+    def lock(self, what: str = "use", *, wait: bool = False) -> RunDir:
+        """Takes the directory's lock, or raises `RunInUseError` when a live process holds it
+        (``wait``: waits for that process to release it)."""
+        self._lock.acquire(what, wait=wait)
         return self
 
     def release(self) -> None:

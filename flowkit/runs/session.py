@@ -13,9 +13,11 @@ from flowkit.build import Builder
 from flowkit.contracts.dataset import ImageDataset
 from flowkit.contracts.dequantizer import Dequantizer
 from flowkit.contracts.model import DensityModel, IndependentTerms
+from flowkit.contracts.transform import use_recompute
 from flowkit.errors import FlowkitError, RecipeError, ShapeError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe
+from flowkit.runs import distributed
 from flowkit.runs.bpd import reduce_bits
 from flowkit.runs.ema import WeightAverage, weight_average
 from flowkit.runs.objective import Objective
@@ -57,7 +59,7 @@ class Session:
 
     @property
     def objective(self) -> Objective:
-        return Objective(self.model, self.dequantizer, self.n_bits, self.num_dims)
+        return Objective(self.model, self.dequantizer, self.n_bits, self.num_dims, self.recipe.train.amp)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint holds: the model, the dequantizer and, with train.ema, their average."""
@@ -86,15 +88,19 @@ def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -
     test_x = reduce_bits(torch.from_numpy(dataset.test), n_bits, dataset.max_value)
     if len(train_x) == 0 or len(test_x) == 0:
         raise FlowkitError(f"dataset {dataset.name} has {len(train_x)} training and {len(test_x)} test images; both must be > 0.")
-    device = pick_device(train.device)
+    world = distributed.world()  # under torchrun: one process per device, cuda:LOCAL_RANK
+    device = distributed.rank_device(pick_device(train.device), world)
     try:
         model: DensityModel = build(recipe.model, in_shape=dataset.shape)
         dequantizer: Dequantizer = build(recipe.dequantizer, in_shape=dataset.shape)
     except ShapeError as exc:
         raise FlowkitError(f"{recipe.source}: [model] does not fit {dataset.name} images of shape {dataset.shape}: {exc}") from None
     check_training_fit(recipe, model, dequantizer)
+    distributed.check_world_fit(recipe, world)
     model, dequantizer = model.to(device), dequantizer.to(device)
+    use_recompute(model, dequantizer, enabled=train.memory == "recompute")
     average = weight_average({"model": model, "dequantizer": dequantizer}, train.ema)
+    distributed.init(device)  # joins torchrun's process group once the recipe is known to fit
     return Session(recipe, dataset, train_x, test_x, model, dequantizer, device, average)
 
 

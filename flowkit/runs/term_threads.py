@@ -40,9 +40,13 @@ def balance(costs: dict[str, float], n: int) -> list[list[str]]:
 class TermThreads:
     """Runs forward and backward of disjoint groups of a model's terms in a thread pool."""
 
-    def __init__(self, model: IndependentTerms, threads: int, loss: Callable[[dict[str, Tensor]], Tensor]) -> None:
-        """``loss(terms)``: the scalar loss of a group of terms, affine in their sum."""
+    def __init__(self, model: IndependentTerms, threads: int, loss: Callable[[dict[str, Tensor]], Tensor],
+                 terms: Callable[[Tensor, list[str]], dict[str, Tensor]] | None = None) -> None:
+        """``loss(terms)``: the scalar loss of a group of terms, affine in their sum; ``terms(y, names)``
+        computes them (default ``model.log_prob_terms``; the trainer passes `Objective.terms`, which
+        enters train.amp's autocast in the worker thread, where autocast state lives)."""
         self.model = model
+        self.terms = terms or model.log_prob_terms
         self.threads = threads
         self.loss = loss
         # torch's thread count is process-wide: one per term thread while training, restored
@@ -54,7 +58,7 @@ class TermThreads:
         self.order: list[str] = []  # the model's term order, which `backward` returns
 
     def _term_backward(self, y: Tensor, names: list[str]) -> dict[str, Tensor]:
-        terms = self.model.log_prob_terms(y, names)
+        terms = self.terms(y, names)
         self.loss(terms).backward()
         return {name: term.detach() for name, term in terms.items()}
 

@@ -25,6 +25,7 @@ from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe, load_recipe
 from flowkit.runs.checkpoint import latest_checkpoint, load_weights
 from flowkit.runs.images import to_levels
+from flowkit.runs.level_jobs import is_level_jobs_dir, load_levels
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.sampling import saturate, seeded, super_resolution
 from flowkit.runs.session import Session, build_session
@@ -35,7 +36,11 @@ def load_trained(run_dir: Path, plugins: Plugins, *, device: str | torch.device 
     """The run's recipe rebuilt and its latest weights loaded, in eval mode, on ``device`` (default:
     the recipe's train.device). With train.ema the averaged weights are loaded, as the run
     evaluated and sampled with them. The caller's random state and torch thread count are left as
-    they were (building a session seeds torch and sets the thread count for training)."""
+    they were (building a session seeds torch and sets the thread count for training).
+
+    A directory of level jobs (`flowkit.runs.level_jobs`) loads each level from its own job's
+    checkpoint; a level that has not finished is a `FlowkitError` naming it and the command
+    line that trains it."""
     rundir = RunDir.existing(run_dir)
     recipe = load_recipe(rundir.recipe_path, plugins.registries)
     if device is not None:
@@ -46,7 +51,10 @@ def load_trained(run_dir: Path, plugins: Plugins, *, device: str | torch.device 
             session = build_session(recipe, plugins)
     finally:
         torch.set_num_threads(threads)
-    load_weights(latest_checkpoint(rundir.checkpoints), session.modules(), session.device)
+    if is_level_jobs_dir(rundir.path):  # `--level i --out DIR` jobs: each level from its own checkpoint
+        load_levels(session, rundir.path)
+    else:
+        load_weights(latest_checkpoint(rundir.checkpoints), session.modules(), session.device)
     if session.average is not None:  # train.ema: the run evaluated and sampled with the average
         session.average.copy_to_weights()
     session.model.eval()

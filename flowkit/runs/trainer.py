@@ -3,6 +3,14 @@
 Exact resume: the data order is a function of (seed, epoch), the dequantization noise comes
 from the global torch RNG whose state is checkpointed, and the learning rate is a function of
 the step, so ``--resume`` continues the same trajectory as an uninterrupted run.
+
+No host synchronisation inside a step: a step only enqueues work, and keeps its loss and
+gradient norms as device tensors. `Trainer.flush` reads the pending steps back in one batch
+at log points, before a checkpoint or an evaluation, at the end, and otherwise about once a
+second (so a progress display moves); it checks them in step order and fails naming the first
+bad step before any checkpoint can hold its weights. Under torchrun (`flowkit.runs.distributed`)
+each rank trains on its slice of every global batch and the flush is where the ranks agree on
+the logged loss (their mean), the training time (rank 0's) and a stop on a signal.
 """
 
 from __future__ import annotations
@@ -10,14 +18,17 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from flowkit.errors import TrainingError
+from flowkit.errors import FlowkitError, TrainingError
+from flowkit.runs import distributed
 from flowkit.runs.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from flowkit.runs.evaluate import evaluate
 from flowkit.runs.rundir import RunDir
@@ -97,11 +108,29 @@ class TrainState:
     recent: list[float] = field(default_factory=list)
 
 
-class Trainer:
-    """Trains a `Session`'s model and dequantizer, writing into a `RunDir`."""
+@dataclass
+class PendingStep:
+    """A step whose loss and gradient norms are still where they were computed, until a flush."""
 
-    def __init__(self, session: Session, rundir: RunDir, reporter: Reporter | None = None) -> None:
+    step: int
+    lr: float
+    images: int  # of the global batch
+    seconds: float  # the time it took to enqueue its work (all of it where nothing is asynchronous)
+    values: torch.Tensor  # (1 + norms,) float32: the loss, then the gradient norms of `Trainer.clip`
+    terms: dict[str, torch.Tensor]  # of its last micro-batch, for naming the term a non-finite loss came from
+
+
+class Trainer:
+    """Trains a `Session`'s model and dequantizer, writing into a `RunDir`.
+
+    Under torchrun, rank 0 alone writes the run directory; the other ranks read it only to resume,
+    and get None for a new run."""
+
+    def __init__(self, session: Session, rundir: RunDir | None, reporter: Reporter | None = None) -> None:
         self.s = session
+        self.world = distributed.world()
+        if rundir is None and self.world.main:
+            raise ValueError("rank 0 writes the run directory: give it one.")
         self.rundir = rundir
         self.reporter = reporter or SilentReporter()
         self.cfg = session.recipe.train
@@ -117,6 +146,13 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the checkpoint this process wrote or loaded last
         self.stop = StopOnSignal()  # SIGINT/SIGTERM: finish the step, checkpoint, RunInterrupted
         self.next_eval_seconds = math.inf  # train.eval_every_seconds: when the next curve point is due
+        self.net: torch.nn.Module | None = None  # the objective under DDP while train() runs, with other ranks
+        self.pending: list[PendingStep] = []  # steps done since the last flush
+        self.flush_seconds = 1.0  # wall time between flushes at most, besides the log points
+        self.last_flush = 0.0  # time.perf_counter() of the last flush
+        self.flushed_seconds = 0.0  # state.train_seconds at the last flush
+        self.log_window = 0.0  # training seconds since the last metrics.jsonl line
+        self.stop_agreed = False  # under DDP: a rank had a stop signal at the last flush
 
     def _select_groups(self) -> tuple[dict[str, list[torch.nn.Parameter]], list[str] | None]:
         groups = {n: p for n, p in self.s.model.parameter_groups().items() if p}
@@ -136,7 +172,8 @@ class Trainer:
         # build_session checked the fit. Each group's loss is the bits/dim of its terms: the
         # constant offset differs from the joint loss, the gradient does not.
         return TermThreads(self.s.model, threads,
-                           lambda terms: self.objective.bits_per_dim(terms, 0.0).mean() * self.micro_weight)
+                           lambda terms: self.objective.bits_per_dim(terms, 0.0).mean() * self.micro_weight,
+                           terms=self.objective.terms)
 
     # -- budget and schedule ------------------------------------------------------------
     def lr_at(self, step: int, elapsed: float) -> float:
@@ -159,12 +196,16 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint(self) -> None:
-        tensors = {"torch_rng": torch.get_rng_state()}
-        if self.s.device.type == "cuda":
-            tensors["cuda_rng"] = torch.cuda.get_rng_state(self.s.device)
+        """Rank 0's weights, optimizer, RNG and counters; the pending steps are checked first, so a
+        step with a non-finite loss or gradient fails before its weights are saved."""
+        self.flush()
         st = self.state
-        save_checkpoint(self.rundir.checkpoints, st.step, self.s.modules(), self.optimizer, tensors,
-                        {"train_seconds": st.train_seconds, "images": st.images, "recent": st.recent})
+        if self.world.main:
+            tensors = {"torch_rng": torch.get_rng_state()}
+            if self.s.device.type == "cuda":
+                tensors["cuda_rng"] = torch.cuda.get_rng_state(self.s.device)
+            save_checkpoint(self.rundir.checkpoints, st.step, self.s.modules(), self.optimizer, tensors,
+                            {"train_seconds": st.train_seconds, "images": st.images, "recent": st.recent})
         self.saved_step = st.step
 
     def resume(self, from_checkpoint: str | None = None) -> bool:
@@ -174,7 +215,8 @@ class Trainer:
         if path is None:
             self.reporter.message(f"{self.rundir.path} has no checkpoint yet: starting it from the beginning "
                                   "with its recipe.toml.")
-            self.rundir.drop_metrics_after(0)
+            if self.world.main:
+                self.rundir.drop_metrics_after(0)
             return False
         tensors, state = load_checkpoint(path, self.s.modules(), self.optimizer, self.s.device)
         torch.set_rng_state(tensors["torch_rng"])
@@ -182,7 +224,8 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["cuda_rng"], self.s.device)
         self.state = TrainState(state["step"], state["train_seconds"], state["images"], list(state["recent"]))
         self.saved_step = self.state.step
-        self.rundir.drop_metrics_after(self.state.step)  # logged after this checkpoint: logged again
+        if self.world.main:
+            self.rundir.drop_metrics_after(self.state.step)  # logged after this checkpoint: logged again
         self.reporter.message(f"Resumed from {path} at step {self.state.step}.")
         return True
 
@@ -199,16 +242,25 @@ class Trainer:
             self.s.average.reset()  # the average starts at the initialised weights
 
     # -- the loop ----------------------------------------------------------------------
-    def backward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def backward(self, x: torch.Tensor, batch: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss (mean bits/dim, detached) and terms of a batch; gradients accumulated over its
         ``train.accumulate`` micro-batches, so the step is that of the whole batch. The loss is
-        the whole image's bits/dim, or train.level's term alone over its own dimensions."""
+        the whole image's bits/dim, or train.level's term alone over its own dimensions.
+
+        Under DDP ``x`` is this rank's share of a global batch of ``batch`` images; DDP averages
+        the ranks' gradients when the last micro-batch's backward ends (`no_sync` before it)."""
         weighted, terms = [], {}
-        for micro in x.chunk(self.cfg.accumulate):
+        micros = x.chunk(self.cfg.accumulate)
+        for i, micro in enumerate(micros):
             # Each micro-batch's mean weighted by its share of the batch: the batch's mean, also
-            # when a dataset smaller than the batch leaves fewer or unequal micro-batches.
-            self.micro_weight = len(micro) / len(x)
-            if self.term_threads is None:
+            # when a dataset smaller than the batch leaves fewer or unequal micro-batches. DDP
+            # divides the sum over ranks by their number, hence the world size.
+            self.micro_weight = len(micro) * self.world.size / (batch or len(x))
+            if self.net is not None:
+                with self.net.no_sync() if i < len(micros) - 1 else contextlib.nullcontext():  # type: ignore[operator]
+                    loss, terms = self.net(micro)
+                    (loss * self.micro_weight).backward()
+            elif self.term_threads is None:
                 loss, terms = self.objective.loss(micro, self.parts)
                 (loss * self.micro_weight).backward()
             else:
@@ -227,13 +279,25 @@ class Trainer:
         return [torch.nn.utils.clip_grad_norm_(p, limit) for p in self.groups.values()]
 
     def fail(self, step: int, what: str, terms: dict[str, torch.Tensor]) -> None:
+        """Stops training at ``step``, the first bad one. The steps after it were already enqueued
+        (a flush reads them back later), so the weights in memory are put back to those of the
+        last good checkpoint, the ones a resume continues from, and ``state.step`` to the step before."""
         bad = [n for n, t in terms.items() if not torch.isfinite(t).all()] or list(terms)
+        self.pending.clear()
+        self.state.step = step - 1
+        if self.rundir is None:  # a rank other than 0 of a new run: rank 0 reports it
+            raise TrainingError(f"{what} at step {step} in {', '.join(bad)}; training stopped.")
         pointer = self.rundir.checkpoints / "latest.json"
         kept = f"the last good checkpoint is kept in {self.rundir.checkpoints}" if pointer.exists() \
             else "no checkpoint had been written yet"
         message = f"{what} at step {step} in {', '.join(bad)}; training stopped and {kept}."
-        self.rundir.log({"step": step, "error": message})
-        self.rundir.write_summary({**self.rundir.read_summary(), "status": "failed", "error": message})
+        if pointer.exists():
+            with contextlib.suppress(FlowkitError):  # a damaged checkpoint is reported when resumed from
+                load_checkpoint(checkpoint_to_resume(self.rundir.checkpoints), self.s.modules(), self.optimizer,
+                                self.s.device)
+        if self.world.main:
+            self.rundir.log({"step": step, "error": message})
+            self.rundir.write_summary({**self.rundir.read_summary(), "status": "failed", "error": message})
         raise TrainingError(message)
 
     def train(self, *, resume: bool = False, from_checkpoint: str | None = None) -> None:
@@ -243,10 +307,16 @@ class Trainer:
         cfg, s = self.cfg, self.s
         if not (resume and self.resume(from_checkpoint)):
             self.initialize()
+        if self.world.size > 1:
+            # After the initialisation or the resume; DDP broadcasts rank 0's weights and buffers here.
+            self.net = distributed.data_parallel(self.objective, self.parts, s.device)
+            if not self.world.main:  # its own dequantization noise; rank 0 keeps the checkpointed stream
+                torch.manual_seed(distributed.rank_seed(cfg.seed, self.world.rank, self.state.step))
         self.reporter.start(cfg.steps or None, cfg.minutes * 60 or None, self.state.step)
         s.model.train()
         s.dequantizer.train()
         self.term_threads = self._term_threads()
+        run_dir = self.rundir.path if self.rundir is not None else Path(".")
         try:
             with self.stop:
                 try:
@@ -258,77 +328,132 @@ class Trainer:
                 if self.saved_step != self.state.step:  # unless a periodic save, or the resumed one, holds it
                     self.checkpoint()
         except AbortedBySignal as exc:
-            raise RunInterrupted(exc.signum, self.rundir.path, self.state.step, checkpointed=False) from None
+            raise RunInterrupted(exc.signum, run_dir, self.state.step, checkpointed=False) from None
         finally:
+            self.net = None
             self.reporter.finish()
-        if self.stop.requested is not None:
-            raise RunInterrupted(self.stop.requested, self.rundir.path, self.state.step, checkpointed=True)
+        if self.stopping():
+            signum = self.stop.requested or signal.SIGTERM  # under DDP another rank's signal may have stopped it
+            raise RunInterrupted(signum, run_dir, self.state.step, checkpointed=True)
+
+    def stopping(self) -> bool:
+        """A signal asked to stop; under DDP any rank's, as the ranks agreed at the last flush, so
+        that they all stop after the same step."""
+        return self.stop_agreed if self.world.size > 1 else self.stop.requested is not None
 
     def periodic_evaluation(self) -> None:
         """The test bits/dim during training, on the first ``eval_images`` test images (a fixed
         subset and fixed noise, so points of a curve are comparable), logged with the step, the
         training seconds and the images seen; its own time is not training time."""
         cfg, s, st = self.cfg, self.s, self.state
-        x = s.test_x[: cfg.eval_images] if cfg.eval_images else s.test_x
-        with self.term_threads.all_cores() if self.term_threads else contextlib.nullcontext(), \
-                s.evaluation_weights():
-            result = evaluate(s, x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1,
-                              alone=self.parts[0] if self.parts else None)
-        self.rundir.log({"step": st.step, "train_seconds": round(st.train_seconds, 3), "images": st.images,
-                         "eval_images": len(x), **{f"test_{k}": v for k, v in result.items()}})
-        self.reporter.message(f"step {st.step}: test " + ", ".join(
-            f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+        self.flush()
+        if self.world.main:  # rank 0 alone; the others wait for it in the next step's all-reduce
+            x = s.test_x[: cfg.eval_images] if cfg.eval_images else s.test_x
+            with self.term_threads.all_cores() if self.term_threads else contextlib.nullcontext(), \
+                    s.evaluation_weights():
+                result = evaluate(s, x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1,
+                                  alone=self.parts[0] if self.parts else None)
+            self.rundir.log({"step": st.step, "train_seconds": round(st.train_seconds, 3), "images": st.images,
+                             "eval_images": len(x), **{f"test_{k}": v for k, v in result.items()}})
+            self.reporter.message(f"step {st.step}: test " + ", ".join(
+                f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
         if cfg.eval_every_seconds:
             self.next_eval_seconds = (math.floor(st.train_seconds / cfg.eval_every_seconds) + 1) * cfg.eval_every_seconds
 
     def _steps(self) -> None:
-        """Training steps until the budget is spent."""
+        """Training steps until the budget is spent. A step only enqueues work: its loss and norms
+        stay on the device until `flush`. Every decision that needs the ranks to agree (the budget,
+        when to flush, evaluate and stop) depends on the step and on values agreed at a flush only."""
         cfg, s, st = self.cfg, self.s, self.state
         every = cfg.eval_every_seconds
         self.next_eval_seconds = (math.floor(st.train_seconds / every) + 1) * every if every else math.inf
         data = batches(len(s.train_x), cfg.batch_size, cfg.seed, st.step)
-        window = 0.0
-        while not self.done() and self.stop.requested is None:
+        self.pending, self.log_window, self.stop_agreed = [], 0.0, False
+        self.last_flush, self.flushed_seconds = time.perf_counter(), st.train_seconds
+        while not self.done() and not self.stopping():
             tick = time.perf_counter()
             lr = self.lr_at(st.step, st.train_seconds)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            x = s.train_x[next(data)]
+            indices = next(data)  # the global batch: the same on every rank
+            x = s.train_x[distributed.shard(indices, self.world)]
             if cfg.shift_augment:
                 x = random_shift(x, cfg.shift_augment)
             x = x.to(s.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            loss, terms = self.backward(x)
+            loss, terms = self.backward(x, len(indices))
             norms = self.clip()
-            values = torch.stack([loss.detach().float()] + [n.float() for n in norms]).tolist()
-            if not math.isfinite(values[0]):
-                self.fail(st.step + 1, f"the loss became {values[0]}", terms)
-            if not all(math.isfinite(v) for v in values[1:]):
-                names = list(self.groups) if len(norms) == len(self.groups) else ["all parameters"]
-                self.fail(st.step + 1, "a gradient became NaN or Inf", {
-                    n: torch.tensor([v]) for n, v in zip(names, values[1:], strict=True)})
+            values = torch.stack([loss.detach().float()] + [n.detach().float() for n in norms])
             self.optimizer.step()
             if s.average is not None:
                 s.average.update()
-            if s.device.type == "cuda":
-                torch.cuda.synchronize(s.device)
             st.step += 1
-            st.images += len(x)
+            st.images += len(indices)
             dt = time.perf_counter() - tick
-            st.train_seconds += dt
-            window += dt
-            st.recent = (st.recent + [values[0]])[-100:]
-            metrics = {"bpd": values[0], "lr": lr, "images_per_s": len(x) / max(dt, 1e-9),
-                       "train_seconds": st.train_seconds}
-            self.reporter.step(st.step, metrics)
-            if st.step % cfg.log_every == 0:
-                self.rundir.log({"step": st.step, "train_bpd": sum(st.recent[-cfg.log_every:]) / min(len(st.recent), cfg.log_every),
-                                 "lr": lr, "images_per_s": cfg.log_every * len(x) / max(window, 1e-9),
-                                 "train_seconds": round(st.train_seconds, 3)})
-                window = 0.0
+            if self.world.size == 1:  # under DDP the ranks' clocks differ: rank 0's counts, at flushes
+                st.train_seconds += dt
+            self.pending.append(PendingStep(st.step, lr, len(indices), dt, values,
+                                            {n: t.detach() for n, t in terms.items()}))
             by_steps = cfg.eval_every and st.step % cfg.eval_every == 0
+            checkpoint_due = cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
+            # Wall time decides a flush only in a process of its own: ranks must flush together.
+            by_clock = self.world.size == 1 and time.perf_counter() - self.last_flush >= self.flush_seconds
+            if st.step % cfg.log_every == 0 or by_steps or checkpoint_due or by_clock:
+                self.flush()
             by_time = cfg.eval_every_seconds and st.train_seconds >= self.next_eval_seconds
             if (by_steps or by_time) and not self.done():
                 self.periodic_evaluation()
-            if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+            if checkpoint_due:
                 self.checkpoint()
+        self.flush()
+
+    def flush(self) -> None:
+        """Reads the pending steps' losses and gradient norms back in one batch (the one host
+        synchronisation of the loop), checks them in step order, and reports and logs each step as
+        it would have been right after it. Under DDP all ranks flush after the same steps, and one
+        all-reduce also gives them the mean loss, rank 0's training time and whether any rank has
+        a stop signal."""
+        if not self.pending:
+            return
+        cfg, st = self.cfg, self.state
+        pending, self.pending = self.pending, []
+        tick = time.perf_counter()
+        values = torch.stack([p.values for p in pending])  # (steps, 1 + norms)
+        local = sum(p.seconds for p in pending)
+        if self.world.size > 1:
+            if self.s.device.type == "cuda":
+                torch.cuda.synchronize(self.s.device)  # the window ends when its work has run
+            window = local + time.perf_counter() - tick
+            extra = torch.tensor([window if self.world.main else 0.0, float(self.stop.requested is not None)],
+                                 dtype=torch.float64, device=values.device)
+            flat = distributed.sum_over_ranks(torch.cat([values.double().flatten(), extra])).tolist()
+            rows = [[v / self.world.size for v in flat[i : i + values.shape[1]]]
+                    for i in range(0, values.numel(), values.shape[1])]
+            window, self.stop_agreed = flat[-2], flat[-1] > 0
+        else:
+            rows = values.tolist()
+            window = local + time.perf_counter() - tick  # the read waits for the queued work: training time
+        self.last_flush = time.perf_counter()
+        base, elapsed = self.flushed_seconds, 0.0
+        for i, (p, row) in enumerate(zip(pending, rows, strict=True)):
+            if not math.isfinite(row[0]):
+                self.fail(p.step, f"the loss became {row[0]}", p.terms)
+            if not all(math.isfinite(v) for v in row[1:]):
+                names = list(self.groups) if len(row) - 1 == len(self.groups) else ["all parameters"]
+                self.fail(p.step, "a gradient became NaN or Inf", {
+                    n: torch.tensor([v]) for n, v in zip(names, row[1:], strict=True)})
+            # The last step of the window takes the wait for the queued work (and on rank 0 of a
+            # DDP run the difference to the agreed window), so the steps add up to the window.
+            seconds = p.seconds + (window - local if i == len(pending) - 1 else 0.0)
+            elapsed += seconds
+            self.log_window += seconds
+            st.recent = (st.recent + [row[0]])[-100:]
+            self.reporter.step(p.step, {"bpd": row[0], "lr": p.lr, "images_per_s": p.images / max(seconds, 1e-9),
+                                        "train_seconds": base + elapsed})
+            if p.step % cfg.log_every == 0:
+                if self.world.main:
+                    self.rundir.log({"step": p.step, "train_bpd": sum(st.recent[-cfg.log_every:]) / min(len(st.recent), cfg.log_every),
+                                     "lr": p.lr, "images_per_s": cfg.log_every * p.images / max(self.log_window, 1e-9),
+                                     "train_seconds": round(base + elapsed, 3)})
+                self.log_window = 0.0
+        st.train_seconds = self.flushed_seconds = base + window

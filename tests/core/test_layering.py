@@ -29,7 +29,8 @@ FORBIDDEN = {
                          "flowkit.api"),
     "flowkit.recipes": ("flowkit.models", "flowkit.runs", "flowkit.cli"),
     "flowkit.models": ("flowkit.runs", "flowkit.cli"),
-    "flowkit.runs": ("flowkit.cli",),
+    "flowkit.runs": ("flowkit.cli", "flowkit.bench"),
+    "flowkit.bench": ("flowkit.cli",),
 }
 
 

@@ -26,7 +26,7 @@ from flowkit.recipes.toml_write import _scalar
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
 CASES = [(path, preset) for path in RECIPES for preset in [None, *preset_names(path)]]
 #: Image shapes of datasets whose files are not part of the repository (paper presets).
-SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "npz": (3, 64, 64)}
+SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "npz": (3, 64, 64), "mnist_mosaic": (1, 256, 256)}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,188 @@
+"""`flowkit bench`: the side-by-side table, the nflows composition being the same model, the
+refusals, and the timing loop's alternation. Speeds are printed, never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from nflows.transforms.coupling import AffineCouplingTransform
+
+from flowkit.bench.harness import prepared
+from flowkit.bench.nflows_glow import GlowAffineCoupling, compare_log_likelihoods, glow_problems, nflows_glow
+from flowkit.bench.side_by_side import run_bench
+from flowkit.bench.timing import Contender, measure, saved_for_backward
+from flowkit.build import Builder
+from flowkit.cli import _add_commands, cli
+from flowkit.errors import FlowkitError, RecipeError
+from flowkit.plugins import Plugins
+from flowkit.recipes.load import load_recipe
+from flowkit.testing import randomize_
+
+ROOT = Path(__file__).resolve().parents[2]
+GLOW = ROOT / "recipes" / "glow.toml"
+_add_commands()
+FAST = ("--rounds", "1", "--steps", "1", "--set", "train.threads=1")
+
+
+def flowkit(*args: str):  # noqa: ANN201 - click Result
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_bench_against_nflows_prints_one_side_by_side_table() -> None:
+    result = flowkit("bench", str(GLOW), "--preset", "smoke", "--against", "nflows", *FAST)
+    assert result.exit_code == 0, result.output
+    for text in ("flowkit / nflows", "train images/s, best of 1", "eval images/s", "sampling images/s",
+                 "activations saved for backward", "dtype (train.amp)", "compile", "threads",
+                 "log-likelihoods agree"):
+        assert text in result.output, text
+
+
+def test_bench_json_on_synthetic_images_of_a_given_shape() -> None:
+    result = flowkit("bench", str(GLOW), "--preset", "smoke", "--shape", "3,16,16", "--batch", "4", "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    assert figures["shape"] == [3, 16, 16] and figures["likelihood_check"] is None
+    (ours,) = figures["implementations"]
+    assert ours["name"] == "flowkit" and ours["batch"] == 4 and ours["device"] == "cpu"
+    assert len(ours["train_round_seconds"]) == 1 and ours["train_images_per_s"] > 0
+    assert ours["saved_for_backward_bytes"] > 0 and ours["peak_memory_bytes"] is None
+
+
+# Each case changes one thing the composition must follow: the coupling formula, the mask's
+# parity, the priors' parametrisations, the net's layout.
+CASES = {
+    "affine": [],
+    "exp_tanh": ["model.step.coupling.scale_fn=\"exp_tanh\""],
+    "parity 1, split prior output scale": ["model.step.coupling.parity=1", "model.split_prior.output_scale=true"],
+    "additive, top prior per element": ["model.step.coupling.use=\"additive\"", "model.top_prior.per=\"element\""],
+    "no actnorm anywhere": ["model.step.actnorm=false", "model.step.coupling.net.actnorm=false"],
+}
+
+
+def _glow(plugins: Plugins, overrides: list[str]) -> tuple[torch.nn.Module, object]:
+    recipe = load_recipe(GLOW, plugins.registries, overrides=[
+        "model.levels=3", "model.depth=2", "model.step.coupling.net.hidden=8", *overrides])
+    model = Builder(plugins.registries)(recipe.model, in_shape=(3, 16, 16)).double()
+    model.initialize(torch.rand(16, 3, 16, 16, dtype=torch.float64))
+    # Zero-initialised last layers would hide a wrong shift/scale order or split prior: perturb.
+    randomize_(model, 0.05, torch.Generator().manual_seed(0))
+    return model, recipe
+
+
+@pytest.mark.filterwarnings("ignore:torch.triangular_solve is deprecated")  # nflows' LU inverse
+@pytest.mark.parametrize("case", list(CASES))
+def test_nflows_composition_with_copied_weights_is_the_same_model(case: str, plugins: Plugins) -> None:
+    model, recipe = _glow(plugins, CASES[case])
+    reference = nflows_glow(model, recipe, (3, 16, 16), torch.float64)
+    y = torch.rand(6, 3, 16, 16, dtype=torch.float64)
+    check = compare_log_likelihoods(model, reference, y)
+    assert check.passed and check.max_abs_per_dim < 1e-6, check.sentence()
+    with torch.no_grad():  # the overridden inverses invert (sampling runs them)
+        noise, _ = reference.flow._transform(y)
+        back, _ = reference.flow._transform.inverse(noise)
+    torch.testing.assert_close(back, y, rtol=0, atol=1e-9)
+
+
+def test_the_likelihood_check_fails_for_a_different_model(plugins: Plugins) -> None:
+    model, recipe = _glow(plugins, [])
+    y = torch.rand(6, 3, 16, 16, dtype=torch.float64)
+    nflows_formula = nflows_glow(model, recipe, (3, 16, 16), torch.float64)
+    for module in nflows_formula.modules():  # back to nflows' own x * (sigmoid(h + 2) + 1e-3) + shift
+        if isinstance(module, GlowAffineCoupling):
+            module.__class__ = AffineCouplingTransform
+    assert not compare_log_likelihoods(model, nflows_formula, y).passed
+    one_weight_off = nflows_glow(model, recipe, (3, 16, 16), torch.float64)
+    with torch.no_grad():
+        next(m for m in one_weight_off.modules() if isinstance(m, GlowAffineCoupling)).transform_net.conv_out.bias += 0.1
+    assert not compare_log_likelihoods(model, one_weight_off, y).passed
+
+
+def test_against_nflows_refuses_a_recipe_that_is_not_a_multiscale_glow(plugins: Plugins) -> None:
+    wavelet = ROOT / "recipes" / "wavelet_flow_affine.toml"
+    result = flowkit("bench", str(wavelet), "--preset", "smoke", "--against", "nflows", *FAST)
+    assert result.exit_code == 2
+    assert 'model.use = "wavelet_flow" is not "multiscale"' in result.output and "--against nflows" in result.output
+    with pytest.raises(RecipeError, match=r"invconv = \"plain\".*\n.*edge_bias"):
+        run_bench(GLOW, plugins, preset="paper", against="nflows")
+    problems = glow_problems(load_recipe(ROOT / "recipes" / "macow.toml", plugins.registries))
+    assert any('model.step.use = "macow"' in p for p in problems), problems
+
+
+def test_synthetic_shape_replaces_the_dataset_and_refuses_two_channels(plugins: Plugins) -> None:
+    with prepared(GLOW, plugins, preset="smoke", shape=(3, 8, 8), batch=5, overrides=["model.levels=1"]) as prep:
+        assert prep.shape == (3, 8, 8) and prep.session.dataset.name == "synthetic"
+        assert all(b.shape == (5, 3, 8, 8) and b.dtype == torch.uint8 for b in prep.batches)
+    with pytest.raises(FlowkitError, match="1, 3 or 4 channels"), \
+            prepared(GLOW, plugins, preset="smoke", shape=(2, 8, 8)):
+        pass
+
+
+def test_rounds_alternate_between_contenders() -> None:
+    calls: list[str] = []
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def contender(name: str) -> Contender:
+        def step(x: torch.Tensor) -> None:
+            calls.append(name)
+            (weight * x.float()).exp().sum().backward()
+
+        return Contender(name, step, lambda x: x.float().sum(), lambda n: torch.zeros(n), [torch.nn.Linear(1, 1)])
+
+    batches = [torch.ones(2, 3, dtype=torch.uint8)]
+    a, b = measure([contender("a"), contender("b")], batches, rounds=3, steps=2)
+    # warm-up and a memory step each, then rounds of two steps, a, b, a, b, a, b
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+    assert len(a.train_seconds) == len(b.eval_seconds) == len(a.sample_seconds) == 3
+    # mul saves x.float() for the weight's gradient and exp its result, 2 x 3 float32 each; never the weight
+    assert a.saved_bytes == 2 * (2 * 3 * 4)
+    assert saved_for_backward(lambda: (weight * 2).sum().backward(), []) == 0  # only the parameter is saved
+
+
+def _gpu_suite():  # noqa: ANN202 - the benchmarks/gpu_suite.py module
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_suite"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_plans_every_figure_of_the_issue() -> None:
+    suite = _gpu_suite()
+    rows, _ = suite.plan(tiny=False, device="cuda", with_compile=True)
+    eager = {(r.model, r.batch, r.precision) for r in rows if r.level is None and not r.compiled}
+    assert eager == {(m, b, p) for m in ("glow", "flowpp") for b in (64, 256) for p in ("fp32", "tf32", "bf16")}
+    assert [r.level for r in rows if r.model == "wavelet_flow"] == list(range(7))  # paper: 6 levels and the base
+    assert {r.model for r in rows if r.check_syncs} == {"glow", "flowpp", "wavelet_flow"}
+
+
+def test_gpu_suite_row_runs_on_cpu_and_reports_out_of_memory(plugins: Plugins,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    suite = _gpu_suite()
+    row = suite.run_row(suite.Row("glow", 2, "fp32", check_syncs=True), plugins, "cpu", tiny=True, seconds=0.1)
+    assert row.status == "ok", row.status
+    assert row.images_per_s > 0 and row.steps >= 3 and row.memory_bytes > 0
+    assert row.memory_kind == "saved for backward" and row.host_syncs == "n/a (CPU)"
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr("flowkit.bench.timing.train_images_per_s", out_of_memory)
+    assert suite.run_row(suite.Row("glow", 2, "fp32"), plugins, "cpu", tiny=True, seconds=0.1).status == "OOM"
+
+
+@pytest.mark.slow
+def test_gpu_suite_tiny_runs_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "suite.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--device", "cpu", "--tiny",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"glow", "flowpp", "wavelet_flow"}
+    assert all(r["status"] == "ok" for r in rows), [(r["model"], r["status"]) for r in rows if r["status"] != "ok"]
