@@ -72,6 +72,13 @@ class TrainParams:
     amp: Literal["off", "bf16"] = param(
         "off", "bf16: autocast the nets (convolutions, matmuls) to bfloat16; each transform's map, log-det and "
         "the likelihood stay float32 (any device; on CPUs without bf16 units it is slower, for checks only)")
+    compile: Literal["off", "default", "max-autotune"] = param(
+        "off", "torch.compile the model's log-density for training (its forward and backward; evaluation and "
+        "sampling stay eager): default or max-autotune mode. The first step compiles (minutes on a CPU, counted "
+        "as training time); docs/performance.md has what it gains")
+    channels_last: bool = param(
+        False, "keep the model's weights and the training batches in channels-last memory format (NHWC), "
+        "the layout oneDNN and cuDNN convolutions run fastest in; same values, another layout")
     memory: Literal["store", "recompute"] = param(
         "store", "store: keep every flow step's activations for backward; recompute: keep none, rebuild each "
         "step's input from its output with the inverse in backward (memory flat in depth; costs about one "

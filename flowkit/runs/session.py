@@ -98,6 +98,8 @@ def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -
     check_training_fit(recipe, model, dequantizer)
     distributed.check_world_fit(recipe, world)
     model, dequantizer = model.to(device), dequantizer.to(device)
+    if train.channels_last:  # 4-d weights only; the values are the same
+        model, dequantizer = model.to(memory_format=torch.channels_last), dequantizer.to(memory_format=torch.channels_last)
     use_recompute(model, dequantizer, enabled=train.memory == "recompute")
     average = weight_average({"model": model, "dequantizer": dequantizer}, train.ema)
     distributed.init(device)  # joins torchrun's process group once the recipe is known to fit

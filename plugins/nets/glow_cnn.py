@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from flowkit import PartRef, ShapeError, hookimpl, param
 from flowkit.contracts.context import VectorContext, context_form
-from flowkit_plugins.nets._edge import conv
+from flowkit_plugins.nets._edge import conv, scaled_conv
 
 Shape = tuple[int, ...]
 
@@ -117,16 +117,24 @@ class GlowCNN(nn.Module):
             return x
         return torch.cat([x, context.to(x.dtype)], dim=1)
 
-    def _norm(self, index: int, h: Tensor, init: bool) -> Tensor:
+    def _conv_norm(self, index: int, layer: nn.Conv2d, x: Tensor, init: bool) -> Tensor:
+        """``layer`` then the ``index``-th actnorm, if any. Once initialised, a per-channel actnorm
+        ``(h + b) e^s`` is folded into the convolution's weight and bias (`scaled_conv`): the same
+        function, one pass over the activations instead of three."""
         if not len(self.norms):
-            return h
+            return layer(x)
+        norm = self.norms[index]
         if init:
-            self.norms[index].initialize(h)
-        return self.norms[index](h)[0]
+            h = layer(x)
+            norm.initialize(h)
+            return norm(h)[0]
+        if getattr(norm, "size", True) is None:  # actnorm per channel: (1, C, 1, 1) bias and log-scale
+            return scaled_conv(layer, x, norm.log_scale.view(-1), norm.bias.view(-1))
+        return norm(layer(x))[0]
 
     def _hidden(self, x: Tensor, context: Tensor | None, init: bool = False) -> Tensor:
-        h = F.relu(self._norm(0, self.conv_in(self._input(x, context)), init))
-        h = self._norm(1, self.conv_mid(h), init)
+        h = F.relu(self._conv_norm(0, self.conv_in, self._input(x, context), init))
+        h = self._conv_norm(1, self.conv_mid, h, init)
         if self.vector is not None:
             h = h + self.vector(context, h.dtype)
         h = F.relu(h)
@@ -135,10 +143,10 @@ class GlowCNN(nn.Module):
         return h
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        out = self.conv_out(self._hidden(x, context))
-        if self.logs is not None:
-            out = out * torch.exp(3.0 * self.logs)
-        return out
+        h = self._hidden(x, context)
+        if self.logs is None:
+            return self.conv_out(h)
+        return scaled_conv(self.conv_out, h, 3.0 * self.logs.view(-1))  # conv_out(h) * exp(3 logs), one pass
 
     @torch.no_grad()
     def initialize(self, x: Tensor, context: Tensor | None = None) -> None:
