@@ -94,7 +94,8 @@ def test_sampling_at_temperature_zero_returns_the_prior_means_through_the_invers
     with torch.no_grad():  # make every prior mean non-zero, so the check is not trivial
         model.top_prior.loc.copy_(0.3 * torch.randn_like(model.top_prior.loc))
     y0 = model.sample(2, temperature=0.0)
-    torch.testing.assert_close(y0[0], y0[1], atol=0, rtol=0)
+    # Equal up to float64 rounding: a convolution may round the rows of a batch differently.
+    torch.testing.assert_close(y0[0], y0[1], atol=1e-12, rtol=0)
     assert ((y0 > 0) & (y0 < 1)).all()  # nothing clamped: the next check is exact
     seen = []
 

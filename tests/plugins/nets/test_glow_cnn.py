@@ -90,3 +90,32 @@ def test_glow_cnn_rejects_bad_params(plugins):
         make(plugins, hidden=0)
     with pytest.raises(flowkit.RecipeError, match="blocks"):
         make(plugins, blocks=-1)
+
+
+def _unfolded(net, x):
+    """The net computed layer by layer, as written in Glow: conv -> actnorm -> ReLU -> conv -> actnorm
+    -> ReLU -> conv -> * exp(3 logs); the reference for the folded convolutions."""
+    h = x
+    for conv, norm in ((net.conv_in, net.norms[0]), (net.conv_mid, net.norms[1])):
+        h = torch.relu(norm(conv(h))[0])
+    out = net.conv_out(h)
+    return out * torch.exp(3.0 * net.logs) if net.logs is not None else out
+
+
+@pytest.mark.parametrize("edge_bias", [False, True])
+@pytest.mark.parametrize("output_scale", [False, True])
+def test_glow_cnn_folded_actnorm_and_output_scale_equal_the_layer_by_layer_net(plugins, edge_bias, output_scale):
+    net = make(plugins, actnorm=True, edge_bias=edge_bias, output_scale=output_scale)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    net.initialize(x)
+    randomize_(net, scale=0.5)  # trained-like values for every weight, actnorm and logs included
+    x.requires_grad_(True)
+    folded, reference = net(x), _unfolded(net, x)
+    assert not torch.equal(reference, torch.zeros_like(reference))
+    torch.testing.assert_close(folded, reference, rtol=1e-12, atol=1e-12)
+    # and the same gradients, for the parameters the fold reads differently (actnorm, logs)
+    weights = torch.randn_like(reference)
+    grads = torch.autograd.grad((folded * weights).sum(), [x, *net.parameters()])
+    expected = torch.autograd.grad((reference * weights).sum(), [x, *net.parameters()])
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
