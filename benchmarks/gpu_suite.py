@@ -21,7 +21,8 @@ already on the device (no dataset file is needed). Images/s: the steps of about
 ``--seconds`` seconds after two warm-up steps, synchronised at the ends only. Peak memory on
 CUDA: ``torch.cuda.max_memory_allocated`` over those steps (model, optimiser state,
 activations, batches); on the CPU torch keeps no peak, so the column gives the bytes autograd
-saves for backward in one step instead.
+saves for backward in one step's forward instead (`flowkit.bench.timing.saved_for_backward`).
+TF32 is set per row and the process's settings are put back after it (`flowkit.bench.harness.tf32`).
 
 Usage::
 
@@ -128,7 +129,7 @@ def plan(tiny: bool, device: str, with_compile: bool) -> tuple[list[Row], list[s
 
 def run_row(row: Row, plugins: Any, device: str, tiny: bool, seconds: float) -> Row:
     """Builds the row's recipe, times its training step and measures its memory, in place."""
-    from flowkit.bench.harness import flowkit_contender, prepared, set_tf32
+    from flowkit.bench.harness import flowkit_contender, prepared, tf32
     from flowkit.bench.timing import host_syncs, saved_for_backward, synchronize, train_images_per_s
 
     recipe, shape, tiny_overrides = MODELS[row.model]
@@ -140,12 +141,12 @@ def run_row(row: Row, plugins: Any, device: str, tiny: bool, seconds: float) -> 
         overrides.append(f"train.level={row.level}")
     if row.compiled:
         overrides.append(compile_override())
-    set_tf32(row.precision != "fp32")  # bf16: TF32 too, for what stays in float32
     cuda = device.startswith("cuda")
     start = time.perf_counter()
     try:
-        with prepared(RECIPES / recipe, plugins, preset="paper", overrides=overrides, shape=shape, batch=row.batch,
-                      device=device) as prep:
+        # bf16: TF32 too, for what stays in float32; the process's settings are back after the row.
+        with tf32(row.precision != "fp32"), prepared(RECIPES / recipe, plugins, preset="paper", overrides=overrides,
+                                                     shape=shape, batch=row.batch, device=device) as prep:
             contender = flowkit_contender(prep)
             step, dev = contender.train_step, prep.session.device
             for x in prep.batches[:2]:  # warm-up (and, compiled, the compilation)
@@ -157,7 +158,7 @@ def run_row(row: Row, plugins: Any, device: str, tiny: bool, seconds: float) -> 
             if cuda:
                 row.memory_bytes, row.memory_kind = int(torch.cuda.max_memory_allocated(dev)), "max_memory_allocated"
             else:
-                row.memory_bytes = saved_for_backward(lambda: step(prep.batches[0]), contender.modules)
+                row.memory_bytes = saved_for_backward(lambda: contender.train_loss(prep.batches[0]), contender.modules)
                 row.memory_kind = "saved for backward"
             if row.check_syncs:
                 row.host_syncs = ("none" if (found := host_syncs(step, prep.batches)) is None else found) if cuda \

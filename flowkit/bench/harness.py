@@ -114,11 +114,19 @@ def tf32_enabled() -> tuple[bool, bool]:
             resolve(b.cudnn.conv.fp32_precision, b.cudnn.fp32_precision, b.fp32_precision))
 
 
-def set_tf32(enabled: bool) -> None:
-    """TF32 on or off for both CUDA matmuls and cuDNN convolutions (torch's defaults: off, on)."""
-    value = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = value
-    torch.backends.cudnn.conv.fp32_precision = value
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 on or off for both CUDA matmuls and cuDNN convolutions while inside (torch's defaults:
+    off, on). The settings are process-wide, so the previous ones are put back on the way out:
+    left set, they would change every later float32 result and make reading torch's older
+    ``allow_tf32`` flags raise (`tf32_enabled`)."""
+    b = torch.backends
+    saved = b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision
+    b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+    try:
+        yield
+    finally:
+        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision = saved
 
 
 def precision(amp: str, device: torch.device) -> str:
@@ -150,11 +158,15 @@ def flowkit_contender(prep: Prepared) -> Contender:
     def log_likelihood(x: Tensor) -> Tensor:
         return s.objective.loss(x)[0]
 
+    def train_loss(x: Tensor) -> Tensor:  # what `Trainer.backward` differentiates, micro-batch by micro-batch
+        return trainer.objective.loss(x.chunk(trainer.cfg.accumulate)[0], trainer.parts)[0]
+
     def sample(n: int) -> Tensor:
         return s.model.sample(n, temperature=1.0)
 
     return Contender("flowkit", train_step, log_likelihood, sample, [s.model, s.dequantizer], trainer.optimizer,
-                     dtype=precision(prep.recipe.train.amp, s.device), compile=compile_mode(prep.recipe))
+                     dtype=precision(prep.recipe.train.amp, s.device), compile=compile_mode(prep.recipe),
+                     train_loss=train_loss)
 
 
 def nflows_contender(reference: NflowsGlow, recipe: Recipe, device: torch.device) -> Contender:
@@ -172,4 +184,4 @@ def nflows_contender(reference: NflowsGlow, recipe: Recipe, device: torch.device
         optimizer.step()
 
     return Contender("nflows", train_step, reference.loss, reference.sample, [reference], optimizer,
-                     dtype=precision("off", device))
+                     dtype=precision("off", device), train_loss=reference.loss)

@@ -11,9 +11,12 @@ Memory, measured on one training step after warm-up:
 - CUDA: ``torch.cuda.max_memory_allocated`` during the step, less what the *other*
   contenders hold resident (so each figure counts its own model, optimiser state, activations
   and the batch);
-- every device: the bytes autograd saves for backward in the step (`saved_for_backward`), each
-  storage counted once, parameters excluded: the activation memory that ``train.memory =
-  "recompute"`` removes. On the CPU this is the memory figure (torch keeps no peak there).
+- every device: the bytes autograd saves for backward in the forward pass of the training loss
+  (`saved_for_backward`, on the step's first micro-batch), each storage counted once,
+  parameters excluded: the activation memory that ``train.memory = "recompute"`` removes. The
+  backward runs outside the count, so what recomputation saves there, one flow step at a time
+  and freed at once, is not added up. On the CPU this is the memory figure (torch keeps no
+  peak there).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from torch import Tensor, nn
 
 @dataclass
 class Contender:
-    """One implementation under test."""
+    """One implementation under test. ``train_loss``: the loss a training step differentiates, of
+    a batch's first micro-batch, with autograd on (None: no saved-for-backward figure)."""
 
     name: str
     train_step: Callable[[Tensor], None]
@@ -42,6 +46,7 @@ class Contender:
     optimizer: torch.optim.Optimizer | None = None
     dtype: str = "float32"
     compile: str = "off"
+    train_loss: Callable[[Tensor], Tensor] | None = None
 
     @property
     def params(self) -> int:
@@ -128,8 +133,11 @@ def _timed(device: torch.device, run: Callable[[], object]) -> float:
     return time.perf_counter() - tick
 
 
-def saved_for_backward(step: Callable[[], None], modules: Sequence[nn.Module]) -> int:
-    """Bytes autograd saves for backward while ``step`` runs: each storage once, parameters excluded."""
+def saved_for_backward(loss: Callable[[], Tensor], modules: Sequence[nn.Module]) -> int:
+    """Bytes autograd saves for backward while ``loss`` computes the loss: each storage once,
+    parameters excluded. The backward of that loss then runs outside the count: under
+    recomputation (`flowkit.contracts.reversible`) it saves each flow step's activations again,
+    one step at a time, which would otherwise be summed as if all were held at once."""
     params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
     seen: dict[int, int] = {}
 
@@ -143,7 +151,8 @@ def saved_for_backward(step: Callable[[], None], modules: Sequence[nn.Module]) -
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
+        value = loss()
+    value.backward()  # frees the graph as a step does; its gradients are the next step's to zero
     return sum(seen.values())
 
 
@@ -200,7 +209,8 @@ def measure(contenders: Sequence[Contender], batches: Sequence[Tensor], *, round
         if device.type == "cuda":
             others = sum(o.held_bytes() for o in contenders if o is not c)
             fig.peak_memory_bytes = _cuda_peak(device, lambda c=c: c.train_step(turn.next()), others)
-        fig.saved_bytes = saved_for_backward(lambda c=c: c.train_step(turn.next()), c.modules)
+        if c.train_loss is not None:
+            fig.saved_bytes = saved_for_backward(lambda c=c: c.train_loss(turn.next()), c.modules)
     for _ in range(rounds):
         for c in contenders:
             figures[c.name].train_seconds.append(

@@ -82,7 +82,8 @@ class TrainParams:
     memory: Literal["store", "recompute"] = param(
         "store", "store: keep every flow step's activations for backward; recompute: keep none, rebuild each "
         "step's input from its output with the inverse in backward (memory flat in depth; costs about one "
-        "extra forward and one inverse per step)")
+        "extra forward and one inverse per step). Not with train.level_threads > 1: the recomputation replays "
+        "random draws by restoring torch's global RNG, which the other threads draw from; set level_threads = 1")
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "init_batch_size", "eval_batch_size", "log_every", "level_threads"):

@@ -8,6 +8,11 @@ so the weights start equal (DDP broadcasts rank 0's anyway when it wraps them). 
 every rank computes the same global batch indices (a function of seed and step) and trains
 on its ``1 / WORLD_SIZE`` slice of them; DDP averages the gradients, so the step is the
 one of the whole global batch. Rank 0 alone writes the run directory.
+
+After every step the ranks also agree, through `agree`, on rank 0's training clock and on
+whether any rank was asked to stop: a two-number all-reduce of a CPU tensor over a gloo group
+of its own (`init` makes it), so that the budget, a time-based learning rate and a stop on a
+signal are decided alike on every rank after every step, without waiting for a GPU.
 """
 
 from __future__ import annotations
@@ -59,10 +64,11 @@ def is_main() -> bool:
 
 
 def rank_device(device: torch.device, w: World) -> torch.device:
-    """The device of this rank: ``cuda:LOCAL_RANK`` when the recipe asks for CUDA under torchrun."""
+    """The device of this rank: ``cuda:LOCAL_RANK`` when the recipe asks for CUDA under torchrun.
+    A recipe naming one GPU is refused on every rank, also the one whose LOCAL_RANK it names."""
     if w.size == 1 or device.type != "cuda":
         return device
-    if device.index is not None and device.index != w.local_rank:
+    if device.index is not None:
         raise FlowkitError(f'train.device = "{device}" names one GPU, but under torchrun each process uses '
                            'cuda:LOCAL_RANK; set train.device = "cuda" or "auto".')
     return torch.device("cuda", w.local_rank)
@@ -88,21 +94,43 @@ def check_world_fit(recipe: Recipe, w: World) -> None:
                           "set train.level_threads = 1.", source)
 
 
+# The gloo group of `agree`, made by `init` beside the default group (which is nccl on CUDA).
+_host_group: dist.ProcessGroup | None = None
+
+
 def init(device: torch.device) -> World:
     """Joins torchrun's process group (gloo on the CPU, nccl on CUDA) unless this is a world of one
-    or it is joined already. The rendezvous address comes from the environment (``env://``)."""
+    or it is joined already, and makes the gloo group of `agree`. The rendezvous address comes
+    from the environment (``env://``)."""
+    global _host_group
     w = world()
     if w.size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend(device), rank=w.rank, world_size=w.size)
+    if w.size > 1 and _host_group is None:
+        _host_group = dist.new_group(backend="gloo")  # collective: every rank makes it here
     return w
 
 
 def shutdown() -> None:
-    """Leaves the process group, if this process joined one."""
+    """Leaves the process group, if this process joined one; again, it does nothing."""
+    global _host_group
+    _host_group = None
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, `agree`'s too
+
+
+def agree(seconds: float, stop: bool) -> tuple[float, bool]:
+    """Rank 0's ``seconds`` and whether any rank's ``stop`` is set, the same on every rank: one
+    all-reduce of a CPU tensor over the gloo group `init` made, so it never waits for a GPU (the
+    ranks only wait for each other). The trainer calls it after every step."""
+    if _host_group is None:
+        raise RuntimeError("distributed.agree needs the process group of distributed.init.")
+    values = torch.tensor([seconds if is_main() else 0.0, float(stop)], dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=_host_group)
+    agreed, stops = values.tolist()
+    return agreed, stops > 0
 
 
 def active() -> bool:

@@ -27,7 +27,6 @@ are missing and how to train them. `flowkit.runs.trained.load_trained` loads ``D
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -115,8 +114,16 @@ def _create_if_absent(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
+        try:
             os.link(tmp, path)
+        except FileExistsError:
+            pass  # another job linked its complete file first
+        except OSError as exc:  # EPERM, EOPNOTSUPP, ...: a file system without hard links
+            raise FlowkitError(
+                f"cannot create {path.name} in {path.parent}: hard-linking a file there failed "
+                f"({exc.strerror or exc}). Level jobs create their shared recipe by a hard link, the one "
+                "race-free way to create a file on NFS too; give --out a folder on a file system with hard "
+                "links (ext4, xfs, NFS, Lustre; not FAT or some FUSE and SMB mounts).") from None
     finally:
         os.unlink(tmp)
 
@@ -219,19 +226,17 @@ def _owner(key: str, owners: dict[str, tuple[str, ...]]) -> str | None:
 
 
 # -- the job ----------------------------------------------------------------------------------
-def run_level_job(session: Session, plugins: Plugins, reporter: Reporter, out: Path, *,
-                  overwrite: bool = False) -> tuple[RunDir, dict[str, Any]]:
-    """One job: joins ``out``, trains and evaluates its level alone in ``out/levels/<term>``
-    (`flowkit.runs.run.execute`), then assembles the whole model when it was the
-    last level missing. Returns the whole model's directory and summary once assembled, else
-    the level's."""
+def train_level(session: Session, reporter: Reporter, out: Path, *,
+                overwrite: bool = False) -> tuple[RunDir, dict[str, Any]]:
+    """One job's own part: joins ``out``, trains and evaluates its level alone in
+    ``out/levels/<term>`` (`flowkit.runs.run.execute`); returns that directory and summary.
+    `flowkit.runs.run.start_run` then lets go of ``session`` and calls `assemble`, which builds
+    the whole model: the two are never in memory together."""
     recipe = session.recipe
     name = term_names(session)[recipe.train.level]
     join(out, recipe)
     with RunDir.create(name, Path(out) / LEVELS / name, overwrite=overwrite) as rundir:
-        summary = execute(session, rundir, reporter)
-    assembled = assemble(Path(out), plugins, reporter)
-    return assembled if assembled is not None else (rundir, summary)
+        return rundir, execute(session, rundir, reporter)
 
 
 def assemble(out: Path, plugins: Plugins, reporter: Reporter) -> tuple[RunDir, dict[str, Any]] | None:

@@ -10,6 +10,7 @@ flock exists on POSIX only; elsewhere runs are not locked.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import weakref
 from pathlib import Path
@@ -49,13 +50,21 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError:  # BlockingIOError: held by another open file, in this process or another
+        except BlockingIOError:  # held by another open file, in this process or another
             holder = _read_pid(fd)
             os.close(fd)
             by = f"process {holder}" if holder else "another process"
             raise RunInUseError(
                 f"{self.path.parent} is in use by {by} (it holds {self.path}); refusing to {what} it while "
                 "that process runs. Wait for it to finish, or stop it first (Ctrl-C writes a checkpoint)."
+            ) from None
+        except OSError as exc:  # the file system cannot lock: ENOLCK on an NFS mount without a lock daemon, ...
+            os.close(fd)
+            raise FlowkitError(
+                f"cannot lock {self.path} to {what} {self.path.parent}: {exc.strerror or exc} "
+                f"({errno.errorcode.get(exc.errno, exc.errno)}). The file system of {self.path.parent} does not "
+                "support flock here; use a local folder, or an NFS or Lustre mount with locking on "
+                "(docs/scale-out.md)."
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

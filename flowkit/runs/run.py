@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,18 @@ def start_run(recipe_path: Path | None, plugins: Plugins, reporter: Reporter, *,
     """The `flowkit run` command without its console: returns the run directory and summary.
     The run directory is locked (`RunDir.lock`) while this runs: a second process is refused.
     train.level >= 0 (``--level``) with ``out`` is a level job: it trains into ``out/levels/<term>``
-    beside the other levels' jobs (`flowkit.runs.level_jobs`)."""
+    beside the other levels' jobs (`flowkit.runs.level_jobs`). Under torchrun, the process
+    group is left on the way out, however it ends."""
+    try:
+        return _start_run(recipe_path, plugins, reporter, preset=preset, overrides=overrides, out=out,
+                          overwrite=overwrite, resume=resume, from_checkpoint=from_checkpoint)
+    finally:
+        distributed.shutdown()
+
+
+def _start_run(recipe_path: Path | None, plugins: Plugins, reporter: Reporter, *, preset: str | None,
+               overrides: tuple[str, ...], out: Path | None, overwrite: bool, resume: Path | None,
+               from_checkpoint: str | None) -> tuple[RunDir | None, dict[str, Any]]:
     from flowkit.runs import level_jobs  # it imports this module
 
     if resume is not None:
@@ -151,6 +163,7 @@ def start_run(recipe_path: Path | None, plugins: Plugins, reporter: Reporter, *,
                               from_checkpoint=from_checkpoint)
         shared = rundir.path.parent.parent
         if distributed.is_main() and rundir.path.parent.name == level_jobs.LEVELS and (shared / "recipe.toml").is_file():
+            free_memory()  # the level's session was execute's alone; assemble builds the whole model
             return level_jobs.assemble(shared, plugins, reporter) or (rundir, summary)
         return rundir, summary
     recipe = load_recipe(recipe_path, plugins.registries, preset=preset, overrides=overrides)
@@ -161,9 +174,20 @@ def start_run(recipe_path: Path | None, plugins: Plugins, reporter: Reporter, *,
     if not distributed.is_main():  # torchrun's other ranks: no run directory, nothing written
         return None, execute(session, None, reporter)
     if recipe.train.level >= 0 and out is not None:  # rank 0 of a level job joins, writes and assembles
-        return level_jobs.run_level_job(session, plugins, reporter, out, overwrite=overwrite)
+        rundir, summary = level_jobs.train_level(session, reporter, out, overwrite=overwrite)
+        del session  # its model, optimizer state and data: assemble builds the whole model next
+        free_memory()
+        return level_jobs.assemble(Path(out), plugins, reporter) or (rundir, summary)
     with RunDir.create(recipe.meta.name + (f"-{preset}" if preset else ""), out, overwrite=overwrite) as rundir:
         return rundir, execute(session, rundir, reporter)
+
+
+def free_memory() -> None:
+    """Gives back what objects no longer referenced hold (cycles too), and on CUDA the cached
+    blocks of the freed tensors, before a second model is built in the same process."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _lock_on_rank_0(rundir: RunDir, what: str) -> RunDir:

@@ -113,6 +113,8 @@ def check_training_fit(recipe: Recipe, model: DensityModel, dequantizer: Dequant
     train.level = i trains the i-th term alone and train.level_threads > 1 trains the terms side
     by side: both need terms that are densities of their own with their own parameters
     (`IndependentTerms`) and a dequantizer without parameters (a learned one feeds every term).
+    Side by side also excludes train.memory = "recompute", whose replay resets the RNG that
+    every thread draws from.
     """
     train, source = recipe.train, recipe.source
     learned_dequantizer = any(p.requires_grad for p in dequantizer.parameters())
@@ -142,3 +144,11 @@ def check_training_fit(recipe: Recipe, model: DensityModel, dequantizer: Dequant
         raise RecipeError(f"train.level_threads = {threads} needs a dequantizer without parameters "
                           f'(use = "uniform"); {recipe.dequantizer.use} is learned and feeds every term. '
                           "Set train.level_threads = 1.", source)
+    if train.memory == "recompute":
+        # The replay sets torch's global RNG back to a unit's state while the other threads draw
+        # from that same RNG: their dropout masks, and so the gradients, would be wrong.
+        raise RecipeError(f'train.memory = "recompute" does not combine with train.level_threads = {threads}: '
+                          "recomputing a flow step replays its random draws by restoring torch's global RNG, "
+                          "which the other level threads draw from at the same time, so dropout masks and "
+                          'gradients would be wrong. Set train.level_threads = 1 (or train.memory = "store").',
+                          source)

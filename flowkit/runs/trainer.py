@@ -9,8 +9,9 @@ gradient norms as device tensors. `Trainer.flush` reads the pending steps back i
 at log points, before a checkpoint or an evaluation, at the end, and otherwise about once a
 second (so a progress display moves); it checks them in step order and fails naming the first
 bad step before any checkpoint can hold its weights. Under torchrun (`flowkit.runs.distributed`)
-each rank trains on its slice of every global batch and the flush is where the ranks agree on
-the logged loss (their mean), the training time (rank 0's) and a stop on a signal.
+each rank trains on its slice of every global batch; after every step the ranks agree on the
+training time (rank 0's) and on a stop on a signal (`distributed.agree`, a CPU all-reduce that
+waits for no GPU), and a flush is where they agree on the logged loss (their mean).
 """
 
 from __future__ import annotations
@@ -66,15 +67,15 @@ def batches(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[tor
 
 def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,
                    betas: tuple[float, ...] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    """The recipe's optimiser, in its fastest exact implementation: torch's fused kernels for Adam
-    and AdamW (one kernel per parameter instead of about ten; the default loops over the
-    parameters in Python on a CPU), the multi-tensor (foreach) loop for Adamax, which has no
-    fused kernel. Same update rule; results differ from the default by float rounding only."""
+    """The recipe's optimiser in torch's multi-tensor (foreach) implementation: a few kernels over
+    all parameters instead of about ten per parameter (on a CPU torch's default loops over them
+    in Python). Same update rule, results differ from the default by float rounding only. Not
+    the fused kernels: on a CPU their results depend on where the tensors lie in memory, so a
+    resumed run would leave the trajectory of an uninterrupted one (tests/runs/test_run_faults.py)."""
     # adamax_openai is torch's Adamax with the step size scaled in `Trainer.lr_at`.
     cls = {"adamax": torch.optim.Adamax, "adamax_openai": torch.optim.Adamax, "adam": torch.optim.Adam,
            "adamw": torch.optim.AdamW}[name]
-    fast = {"foreach": True} if cls is torch.optim.Adamax else {"fused": True}
-    return cls(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), **fast)
+    return cls(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), foreach=True)
 
 
 def random_shift(x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -159,7 +160,7 @@ class Trainer:
         self.last_flush = 0.0  # time.perf_counter() of the last flush
         self.flushed_seconds = 0.0  # state.train_seconds at the last flush
         self.log_window = 0.0  # training seconds since the last metrics.jsonl line
-        self.stop_agreed = False  # under DDP: a rank had a stop signal at the last flush
+        self.stop_agreed = False  # under DDP: a rank had a stop signal by the last step's agreement
 
     def _select_groups(self) -> tuple[dict[str, list[torch.nn.Parameter]], list[str] | None]:
         groups = {n: p for n, p in self.s.model.parameter_groups().items() if p}
@@ -225,16 +226,20 @@ class Trainer:
             if self.world.main:
                 self.rundir.drop_metrics_after(0)
             return False
+        self._restore(path)
+        if self.world.main:
+            self.rundir.drop_metrics_after(self.state.step)  # logged after this checkpoint: logged again
+        self.reporter.message(f"Resumed from {path} at step {self.state.step}.")
+        return True
+
+    def _restore(self, path: Path) -> None:
+        """The whole training state of checkpoint ``path``: weights, optimizer, RNG and counters."""
         tensors, state = load_checkpoint(path, self.s.modules(), self.optimizer, self.s.device)
         torch.set_rng_state(tensors["torch_rng"])
         if "cuda_rng" in tensors and self.s.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["cuda_rng"], self.s.device)
         self.state = TrainState(state["step"], state["train_seconds"], state["images"], list(state["recent"]))
         self.saved_step = self.state.step
-        if self.world.main:
-            self.rundir.drop_metrics_after(self.state.step)  # logged after this checkpoint: logged again
-        self.reporter.message(f"Resumed from {path} at step {self.state.step}.")
-        return True
 
     @torch.no_grad()
     def initialize(self) -> None:
@@ -286,22 +291,28 @@ class Trainer:
         return [torch.nn.utils.clip_grad_norm_(p, limit, foreach=True) for p in self.groups.values()]
 
     def fail(self, step: int, what: str, terms: dict[str, torch.Tensor]) -> None:
-        """Stops training at ``step``, the first bad one. The steps after it were already enqueued
-        (a flush reads them back later), so the weights in memory are put back to those of the
-        last good checkpoint, the ones a resume continues from, and ``state.step`` to the step before."""
+        """Stops training at ``step``, the first bad one. That step and the ones after it were
+        already applied (a flush reads them back later), so the whole training state in memory
+        (weights, optimizer, RNG, step, images, training seconds, recent losses) is put back to
+        that of the last good checkpoint, the one a resume continues from. A checkpoint that
+        cannot be loaded back is named in the message, with why; so is the lack of one (the
+        state in memory then stays that after the bad steps)."""
         bad = [n for n, t in terms.items() if not torch.isfinite(t).all()] or list(terms)
         self.pending.clear()
-        self.state.step = step - 1
+        failed = f"{what} at step {step} in {', '.join(bad)}; training stopped"
         if self.rundir is None:  # a rank other than 0 of a new run: rank 0 reports it
-            raise TrainingError(f"{what} at step {step} in {', '.join(bad)}; training stopped.")
-        pointer = self.rundir.checkpoints / "latest.json"
-        kept = f"the last good checkpoint is kept in {self.rundir.checkpoints}" if pointer.exists() \
-            else "no checkpoint had been written yet"
-        message = f"{what} at step {step} in {', '.join(bad)}; training stopped and {kept}."
-        if pointer.exists():
-            with contextlib.suppress(FlowkitError):  # a damaged checkpoint is reported when resumed from
-                load_checkpoint(checkpoint_to_resume(self.rundir.checkpoints), self.s.modules(), self.optimizer,
-                                self.s.device)
+            raise TrainingError(f"{failed}.")
+        try:
+            path = checkpoint_to_resume(self.rundir.checkpoints)
+            if path is not None:
+                self._restore(path)
+        except FlowkitError as exc:  # a damaged checkpoint: the one before may be whole
+            kept = (f"the last checkpoint in {self.rundir.checkpoints} could not be loaded back ({exc}); the "
+                    "state in memory is that after the bad step")
+        else:
+            kept = (f"the state of the last good checkpoint, step {self.state.step} ({path}), is put back"
+                    if path is not None else "no checkpoint had been written yet")
+        message = f"{failed} and {kept}."
         if self.world.main:
             self.rundir.log({"step": step, "error": message})
             self.rundir.write_summary({**self.rundir.read_summary(), "status": "failed", "error": message})
@@ -344,8 +355,8 @@ class Trainer:
             raise RunInterrupted(signum, run_dir, self.state.step, checkpointed=True)
 
     def stopping(self) -> bool:
-        """A signal asked to stop; under DDP any rank's, as the ranks agreed at the last flush, so
-        that they all stop after the same step."""
+        """A signal asked to stop; under DDP any rank's, as the ranks agreed after the last step
+        (`distributed.agree`), so that they all stop after the same step."""
         return self.stop_agreed if self.world.size > 1 else self.stop.requested is not None
 
     def periodic_evaluation(self) -> None:
@@ -370,7 +381,9 @@ class Trainer:
     def _steps(self) -> None:
         """Training steps until the budget is spent. A step only enqueues work: its loss and norms
         stay on the device until `flush`. Every decision that needs the ranks to agree (the budget,
-        when to flush, evaluate and stop) depends on the step and on values agreed at a flush only."""
+        the learning rate, when to flush, evaluate and stop) depends on the step and on the values
+        the ranks agree on after each step (`distributed.agree`: rank 0's clock, any rank's stop)
+        or at a flush."""
         cfg, s, st = self.cfg, self.s, self.state
         every = cfg.eval_every_seconds
         self.next_eval_seconds = (math.floor(st.train_seconds / every) + 1) * every if every else math.inf
@@ -399,8 +412,10 @@ class Trainer:
             st.step += 1
             st.images += len(indices)
             dt = time.perf_counter() - tick
-            if self.world.size == 1:  # under DDP the ranks' clocks differ: rank 0's counts, at flushes
-                st.train_seconds += dt
+            st.train_seconds += dt
+            if self.world.size > 1:  # the ranks' clocks differ: rank 0's counts, on every rank
+                st.train_seconds, self.stop_agreed = distributed.agree(
+                    st.train_seconds, self.stop_agreed or self.stop.requested is not None)
             self.pending.append(PendingStep(st.step, lr, len(indices), dt, values,
                                             {n: t.detach() for n, t in terms.items()}))
             by_steps = cfg.eval_every and st.step % cfg.eval_every == 0
@@ -420,8 +435,11 @@ class Trainer:
         """Reads the pending steps' losses and gradient norms back in one batch (the one host
         synchronisation of the loop), checks them in step order, and reports and logs each step as
         it would have been right after it. Under DDP all ranks flush after the same steps, and one
-        all-reduce also gives them the mean loss, rank 0's training time and whether any rank has
-        a stop signal."""
+        all-reduce also gives them the mean loss and rank 0's window, its wait for the queued
+        work included.
+
+        The progress display gets the window's rate for each of its steps (its images over its
+        seconds): on a GPU the steps only enqueue work and the wait at the flush is theirs together."""
         if not self.pending:
             return
         cfg, st = self.cfg, self.state
@@ -433,17 +451,17 @@ class Trainer:
             if self.s.device.type == "cuda":
                 torch.cuda.synchronize(self.s.device)  # the window ends when its work has run
             window = local + time.perf_counter() - tick
-            extra = torch.tensor([window if self.world.main else 0.0, float(self.stop.requested is not None)],
-                                 dtype=torch.float64, device=values.device)
+            extra = torch.tensor([window if self.world.main else 0.0], dtype=torch.float64, device=values.device)
             flat = distributed.sum_over_ranks(torch.cat([values.double().flatten(), extra])).tolist()
             rows = [[v / self.world.size for v in flat[i : i + values.shape[1]]]
                     for i in range(0, values.numel(), values.shape[1])]
-            window, self.stop_agreed = flat[-2], flat[-1] > 0
+            window = flat[-1]
         else:
             rows = values.tolist()
             window = local + time.perf_counter() - tick  # the read waits for the queued work: training time
         self.last_flush = time.perf_counter()
         base, elapsed = self.flushed_seconds, 0.0
+        rate = sum(p.images for p in pending) / max(window, 1e-9)
         for i, (p, row) in enumerate(zip(pending, rows, strict=True)):
             if not math.isfinite(row[0]):
                 self.fail(p.step, f"the loss became {row[0]}", p.terms)
@@ -457,7 +475,7 @@ class Trainer:
             elapsed += seconds
             self.log_window += seconds
             st.recent = (st.recent + [row[0]])[-100:]
-            self.reporter.step(p.step, {"bpd": row[0], "lr": p.lr, "images_per_s": p.images / max(seconds, 1e-9),
+            self.reporter.step(p.step, {"bpd": row[0], "lr": p.lr, "images_per_s": rate,
                                         "train_seconds": base + elapsed})
             if p.step % cfg.log_every == 0:
                 if self.world.main:

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from nflows.transforms.coupling import AffineCouplingTransform
 
-from flowkit.bench.harness import prepared
+from flowkit.bench.harness import flowkit_contender, prepared
 from flowkit.bench.nflows_glow import GlowAffineCoupling, compare_log_likelihoods, glow_problems, nflows_glow
 from flowkit.bench.side_by_side import run_bench
 from flowkit.bench.timing import Contender, measure, saved_for_backward
@@ -129,20 +129,39 @@ def test_rounds_alternate_between_contenders() -> None:
     weight = torch.nn.Parameter(torch.ones(3))
 
     def contender(name: str) -> Contender:
+        def loss(x: torch.Tensor) -> torch.Tensor:
+            return (weight * x.float()).exp().sum()
+
         def step(x: torch.Tensor) -> None:
             calls.append(name)
-            (weight * x.float()).exp().sum().backward()
+            loss(x).backward()
 
-        return Contender(name, step, lambda x: x.float().sum(), lambda n: torch.zeros(n), [torch.nn.Linear(1, 1)])
+        return Contender(name, step, lambda x: x.float().sum(), lambda n: torch.zeros(n), [torch.nn.Linear(1, 1)],
+                         train_loss=loss)
 
     batches = [torch.ones(2, 3, dtype=torch.uint8)]
     a, b = measure([contender("a"), contender("b")], batches, rounds=3, steps=2)
-    # warm-up and a memory step each, then rounds of two steps, a, b, a, b, a, b
-    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+    # a warm-up step each (the memory figure takes the loss alone), then rounds of two steps, a, b, a, b, a, b
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
     assert len(a.train_seconds) == len(b.eval_seconds) == len(a.sample_seconds) == 3
     # mul saves x.float() for the weight's gradient and exp its result, 2 x 3 float32 each; never the weight
     assert a.saved_bytes == 2 * (2 * 3 * 4)
-    assert saved_for_backward(lambda: (weight * 2).sum().backward(), []) == 0  # only the parameter is saved
+    assert saved_for_backward(lambda: (weight * 2).sum(), []) == 0  # only the parameter is saved
+
+
+def test_saved_for_backward_counts_the_forward_so_recompute_is_flat_in_depth(plugins: Plugins) -> None:
+    """Under train.memory = "recompute" the backward saves each flow step's activations again, one
+    step at a time, freed at once: counted too, they would grow with depth as if all were held."""
+    saved = {}
+    for memory in ("store", "recompute"):
+        for depth in (1, 3):
+            with prepared(GLOW, plugins, preset="smoke", shape=(3, 8, 8), batch=4, overrides=[
+                    "model.levels=1", f"model.depth={depth}", f"train.memory={memory}", "train.threads=1"]) as prep:
+                ours = flowkit_contender(prep)
+                saved[memory, depth] = saved_for_backward(lambda: ours.train_loss(prep.batches[0]), ours.modules)
+                assert all(p.grad is not None for p in ours.modules[0].parameters()), "the backward ran"
+    assert saved["recompute", 1] == saved["recompute", 3], saved
+    assert saved["store", 3] > saved["store", 1] > saved["recompute", 1], saved
 
 
 def _gpu_suite():  # noqa: ANN202 - the benchmarks/gpu_suite.py module
@@ -165,8 +184,13 @@ def test_gpu_suite_plans_every_figure_of_the_issue() -> None:
 def test_gpu_suite_row_runs_on_cpu_and_reports_out_of_memory(plugins: Plugins,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     suite = _gpu_suite()
+    settings = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     row = suite.run_row(suite.Row("glow", 2, "fp32", check_syncs=True), plugins, "cpu", tiny=True, seconds=0.1)
     assert row.status == "ok", row.status
+    # The row's TF32 setting ("ieee" for fp32) was the row's only: the process's are back, and torch's
+    # older flags, which raise while the newer ones disagree, read again.
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == settings
+    assert isinstance(torch.backends.cudnn.allow_tf32, bool)
     assert row.images_per_s > 0 and row.steps >= 3 and row.memory_bytes > 0
     assert row.memory_kind == "saved for backward" and row.host_syncs == "n/a (CPU)"
 

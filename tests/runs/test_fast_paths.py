@@ -1,5 +1,5 @@
 """The speed options change speed only: train.channels_last, train.compile and the fused
-optimisers give the loss and gradients of the plain path on a fixed batch (issue 11: identical
+multi-tensor optimisers give the loss and gradients of the plain path on a fixed batch (issue 11: identical
 log-likelihoods to 1e-4)."""
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ def test_compiled_terms_give_the_loss_and_gradients_of_eager(plugins: Plugins, t
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "adamax"])
-def test_fast_optimisers_take_the_default_implementations_step(name: str) -> None:
+def test_foreach_optimisers_take_the_default_implementations_step(name: str) -> None:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     fast = make_optimizer(name, [{"params": params}], lr=1e-2, weight_decay=1e-3)
     cls = type(fast)
     default = cls([{"params": twins}], lr=1e-2, weight_decay=1e-3, foreach=False)
-    assert fast.defaults.get("fused") or fast.defaults.get("foreach")
+    assert fast.defaults.get("foreach")
     for step in range(5):
         grads = [torch.randn_like(p) for p in params]
         for p, q, g in zip(params, twins, grads, strict=True):

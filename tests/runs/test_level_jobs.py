@@ -3,13 +3,16 @@ processes, writing into one run directory that evaluation and sampling then use 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
 import tomllib
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from flowkit.errors import FlowkitError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe, load_recipe
 from flowkit.runs import level_jobs
+from flowkit.runs import run as run_module
 from flowkit.runs.lock import RunInUseError
 from flowkit.runs.run import start_run
 from flowkit.runs.trained import load_trained
@@ -120,16 +124,33 @@ def test_a_directory_missing_a_level_names_it_and_the_command_that_trains_it(
 
 
 def test_the_missing_level_then_completes_the_directory(
-    trained: Path, tmp_path: Path, plugins: Plugins,
+    trained: Path, tmp_path: Path, plugins: Plugins, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     copy = tmp_path / "run"
     shutil.copytree(trained, copy)
     shutil.rmtree(copy / "levels" / "level2")
     (copy / "summary.json").unlink()
+    # The level's session is gone when the assembly builds the whole model's: never two in memory.
+    level_model: list[weakref.ref] = []
+    alive_at_assembly: list[bool] = []
+    build = run_module.build_session
+
+    def level_session(*args: object, **kwargs: object) -> object:
+        session = build(*args, **kwargs)
+        level_model.append(weakref.ref(session.model))
+        return session
+
+    def whole_session(*args: object, **kwargs: object) -> object:
+        alive_at_assembly.append(level_model[0]() is not None)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "build_session", level_session)
+    monkeypatch.setattr(level_jobs, "build_session", whole_session)
     # The shared recipe.toml is itself a recipe that trains the missing level.
     rundir, summary = start_run(copy / "recipe.toml", plugins, SilentReporter(), overrides=("train.level=2",),
                                 out=copy)
     assert rundir.path == copy and summary["level"] == -1 and sorted(summary["levels"]) == LEVELS
+    assert alive_at_assembly == [False]
     # Seeded and deterministic: the same whole-model figure as the jobs started at once.
     together = json.loads((trained / "summary.json").read_text())
     assert summary["test_bpd"] == pytest.approx(together["test_bpd"])
@@ -189,6 +210,19 @@ def test_jobs_joining_in_the_same_instant_agree_on_one_recipe(tmp_path: Path, pl
     winner = load_recipe(out / "recipe.toml", plugins.registries).train.lr
     # Exactly the jobs with the recipe that was written first joined; the others were refused.
     assert [e is None for e in errors] == [r.train.lr == winner for r in recipes]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "no temporary file is left behind"
+
+
+def test_a_file_system_without_hard_links_is_named_with_the_cause(
+    tmp_path: Path, plugins: Plugins, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_hard_links(src: object, dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    out = tmp_path / "run"
+    with pytest.raises(FlowkitError, match=rf"recipe.toml in {out}: hard-linking .*\(Operation not permitted\)"):
+        level_jobs.join(out, _recipe(plugins, 0))
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "no temporary file is left behind"
 
 

@@ -233,6 +233,24 @@ def test_the_recipe_key_sets_the_switch_on_every_sequential_of_the_session(memor
     assert sequentials and all(m.recompute == (memory == "recompute") for m in sequentials)
 
 
+def test_recompute_with_level_threads_is_refused_naming_both_keys() -> None:
+    """The replay restores torch's global RNG while the other term threads draw from it."""
+    from flowkit.errors import RecipeError
+    from flowkit.plugins import make_plugins
+    from flowkit.runs.session import build_session
+
+    path = ROOT / "recipes" / "wavelet_flow_affine.toml"
+    plugins = make_plugins()
+    recipe = flowkit.load_recipe(path, preset="smoke", overrides=["train.memory=recompute", "train.level_threads=2"])
+    with pytest.raises(RecipeError) as raised:
+        build_session(recipe, plugins)
+    message = str(raised.value)
+    assert 'train.memory = "recompute"' in message and "train.level_threads = 2" in message, message
+    assert "Set train.level_threads = 1" in message and str(path) in message, message
+    one_thread = flowkit.load_recipe(path, preset="smoke", overrides=["train.memory=recompute", "train.level_threads=1"])
+    assert build_session(one_thread, plugins).model is not None
+
+
 @pytest.mark.slow
 def test_a_glow_smoke_run_with_recompute_finishes_with_finite_bpd(tmp_path: Path) -> None:
     from flowkit.cli import _add_commands, cli

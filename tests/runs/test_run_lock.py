@@ -3,6 +3,7 @@ killed holder leaves no stale lock."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from flowkit.errors import FlowkitError
+from flowkit.runs import lock
 from flowkit.runs.lock import LOCK_NAME, RunInUseError, RunLock
 from flowkit.runs.rundir import RunDir
 
@@ -99,3 +101,20 @@ def test_a_finished_run_is_refused_without_overwrite(tmp_path: Path) -> None:
     with pytest.raises(FlowkitError, match="already exists and is not empty"):
         RunDir.create("x", run)
     RunLock(run).acquire().release()  # and the refusal gave the lock back
+
+
+def test_a_file_system_that_cannot_lock_is_named_not_taken_for_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only EWOULDBLOCK (BlockingIOError) means another holder; ENOLCK (NFS without a lock daemon)
+    and the like are reported with the lock file and the cause, waiting or not."""
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    run = a_run_folder(tmp_path / "run")
+    for wait in (False, True):
+        with pytest.raises(FlowkitError, match=rf"cannot lock {run / LOCK_NAME} .*No locks available \(ENOLCK\)") \
+                as raised:
+            RunLock(run).acquire("resume", wait=wait)
+        assert not isinstance(raised.value, RunInUseError)

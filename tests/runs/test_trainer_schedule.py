@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from flowkit.errors import TrainingError
+from flowkit.runs.checkpoint import CheckpointError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import load_recipe
 from flowkit.runs.rundir import RunDir
@@ -210,9 +211,15 @@ def assert_failed_and_kept_step_2(out: Path, trainer: Trainer, error: TrainingEr
     weights = load_file(str(out / "checkpoints" / latest["path"] / "weights.safetensors"))
     assert weights and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert trainer.state.step == 2, "the failing step is not counted"
-    # The bad update was not applied: the weights in memory are still those of step 2.
+    assert "the state of the last good checkpoint, step 2" in str(error), str(error)
+    # The bad update was not applied: the weights in memory are still those of step 2, and so are
+    # the optimizer's state and the counters (the whole state a resume would continue from).
     for key, value in trainer.s.modules()["model"].state_dict().items():
         assert torch.equal(value, weights[f"model.{key}"]), key
+    assert trainer.optimizer.state and all(int(st["step"]) == 2 for st in trainer.optimizer.state.values())
+    saved = json.loads((out / "checkpoints" / latest["path"] / "state.json").read_text())["trainer"]
+    assert trainer.state.images == 2 * trainer.cfg.batch_size and trainer.state.recent == saved["recent"]
+    assert trainer.state.train_seconds == saved["train_seconds"] and trainer.state.images == saved["images"]
 
 
 def test_a_nan_gradient_stops_training_naming_the_step_and_group(plugins: Plugins, tmp_path: Path) -> None:
@@ -253,3 +260,24 @@ def test_a_nan_loss_stops_training_naming_the_step_and_term(plugins: Plugins, tm
         trainer.train()
     assert_failed_and_kept_step_2(out, trainer, caught.value, "level2")
     assert "base" not in str(caught.value) and "level1" not in str(caught.value)
+
+
+def test_a_last_checkpoint_that_cannot_be_loaded_back_is_said_not_suppressed(
+    plugins: Plugins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    trainer = make_trainer(plugins, out, "train.steps=5", "train.checkpoint_every=1")
+    parameter = trainer.groups["level1"][0]
+    calls = []
+    parameter.register_hook(lambda grad: (calls.append(1), grad * float("nan") if len(calls) == 2 else grad)[1])
+
+    def damaged(path: Path, *args: object) -> None:
+        raise CheckpointError(f"{path}/weights.safetensors is damaged: truncated.")
+
+    monkeypatch.setattr("flowkit.runs.trainer.load_checkpoint", damaged)
+    with pytest.raises(TrainingError) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert "step 2" in message and "could not be loaded back" in message, message
+    assert "weights.safetensors is damaged: truncated" in message and "state in memory is that after the bad step" in message
+    assert json.loads((out / "summary.json").read_text())["error"] == message

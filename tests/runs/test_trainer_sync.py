@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -151,6 +152,43 @@ def test_the_metrics_lines_are_those_of_every_log_point(plugins: Plugins, tmp_pa
         assert line["images_per_s"] > 0 and line.keys() == {"step", "train_bpd", "lr", "images_per_s", "train_seconds"}
     assert lines[-1]["train_seconds"] == round(trainer.state.train_seconds, 3)
     assert trainer.state.recent == bpd
+
+
+def test_the_progress_rate_of_each_step_is_its_flush_windows(plugins: Plugins, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU a step only enqueues its work and the flush waits for all of it: every step of a
+    window reports the window's images over its seconds, not its own enqueue time (with the whole
+    wait on the last). The wait is made here: 0.2 s in the flush's read-back."""
+    trainer = make_trainer(plugins, tmp_path / "run", "glow.toml", "train.steps=6", "train.log_every=3")
+    trainer.flush_seconds = math.inf
+    seen: list[dict[str, float]] = []
+
+    class Record(SilentReporter):
+        def step(self, step: int, metrics: dict[str, float]) -> None:
+            seen.append(metrics)
+
+    trainer.reporter = Record()
+    in_flush, flush, tolist = [False], trainer.flush, torch.Tensor.tolist
+
+    def flagged_flush() -> None:
+        in_flush[0] = True
+        try:
+            flush()
+        finally:
+            in_flush[0] = False
+
+    def slow_read(tensor: torch.Tensor) -> object:  # the flush's read-back, waiting as for a GPU
+        if in_flush[0]:
+            time.sleep(0.2)
+        return tolist(tensor)
+
+    trainer.flush = flagged_flush
+    monkeypatch.setattr(torch.Tensor, "tolist", slow_read)
+    trainer.train()
+    batch = trainer.cfg.batch_size
+    for window, before in ((seen[:3], 0.0), (seen[3:], seen[2]["train_seconds"])):
+        rate = 3 * batch / (window[-1]["train_seconds"] - before)
+        assert [m["images_per_s"] for m in window] == pytest.approx([rate] * 3, rel=1e-9), window
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
