@@ -9,7 +9,7 @@ skipped, not run):
    ``train.accumulate = 1``: the batch is one micro-batch (Glow's preset accumulates 8 x 64).
 2. Wavelet Flow's ``paper`` preset (recipes/wavelet_flow_affine.toml, 64x64) per level
    (``train.level = i``, each level's own step alone) at batch 64 in TF32, with its memory.
-3. The same rows compiled (``train.compile``), where this flowkit has that key.
+3. The same rows compiled (``train.compile = "default"``).
 
 The first row of each recipe also checks that a training step makes no host synchronisation
 (``torch.cuda.set_sync_debug_mode("error")`` around two steps after warm-up). Out of memory is
@@ -41,7 +41,6 @@ import gc
 import json
 import sys
 import time
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,18 +85,7 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def compile_override() -> str | None:
-    """The ``--set`` that turns train.compile on, or None where this flowkit has no such key."""
-    from flowkit.recipes.sections import TrainParams
-
-    hints = typing.get_type_hints(TrainParams)
-    if "compile" not in hints:
-        return None
-    kind = hints["compile"]
-    if kind is bool:
-        return "train.compile=true"
-    choices = [c for c in typing.get_args(kind) if c not in ("off", "none", False, None)]
-    return f"train.compile={json.dumps(choices[0])}" if choices else None
+COMPILE = "train.compile=default"  # the compiled rows: torch.compile of the model's terms for training
 
 
 def plan(tiny: bool, device: str, with_compile: bool) -> tuple[list[Row], list[str]]:
@@ -117,9 +105,7 @@ def plan(tiny: bool, device: str, with_compile: bool) -> tuple[list[Row], list[s
     levels = load_recipe(RECIPES / MODELS["wavelet_flow"][0], preset="paper").model.params.levels
     wavelet_precision = "tf32" if device.startswith("cuda") else "fp32"
     rows += [Row("wavelet_flow", batches[0], wavelet_precision, level=i, check_syncs=i == 0) for i in range(levels + 1)]
-    if compile_override() is None:
-        notes.append("train.compile does not exist in this flowkit: no compiled rows.")
-    elif not with_compile:
+    if not with_compile:
         notes.append("compiled rows left out (--no-compile).")
     else:
         rows += [Row("glow", batches[-1], p, compiled=True) for p in precisions if p != "fp32"]
@@ -140,7 +126,7 @@ def run_row(row: Row, plugins: Any, device: str, tiny: bool, seconds: float) -> 
     if row.level is not None:
         overrides.append(f"train.level={row.level}")
     if row.compiled:
-        overrides.append(compile_override())
+        overrides.append(COMPILE)
     cuda = device.startswith("cuda")
     start = time.perf_counter()
     try:

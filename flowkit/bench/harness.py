@@ -139,8 +139,8 @@ def precision(amp: str, device: torch.device) -> str:
 
 
 def compile_mode(recipe: Recipe) -> str:
-    """train.compile, while that key is new: "off" where this flowkit has no such key."""
-    return str(getattr(recipe.train, "compile", "off"))
+    """train.compile: "off", or the torch.compile mode of the model's terms."""
+    return recipe.train.compile
 
 
 def flowkit_contender(prep: Prepared) -> Contender:
