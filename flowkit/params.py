@@ -205,6 +205,12 @@ class Copies:
                 raise ValueError(f"{rule.kind}.{rule.key} derives {len(rule.values)} values for {self.count} copies.")
 
 
+# The most copies a field may declare. Recipe loading derives a value per copy, so a mistyped
+# `depth = 1000000000` would exhaust memory before any check ran; Params of composite parts
+# bound their counts with this (a Glow of 32 x 3 steps is 96; nothing real nears 10,000).
+MAX_COPIES = 10_000
+
+
 @runtime_checkable
 class AssemblesCopies(Protocol):
     """Params of a composite part that builds some nested parts several times (steps of a flow).

@@ -23,6 +23,7 @@ from flowkit import (
     part_field,
 )
 from flowkit.contracts.transform import logdet_dtype
+from flowkit.params import MAX_COPIES
 
 Shape = tuple[int, int, int]
 LOG_2PI = math.log(2 * math.pi)
@@ -43,6 +44,8 @@ class VariationalParams:
     checkpoint: bool = param(False, "recompute each step in the backward pass (gradient checkpointing)")
 
     def __post_init__(self) -> None:
+        if self.steps > MAX_COPIES:
+            raise ValueError(f"steps = {self.steps}: at most {MAX_COPIES}.")
         if self.steps < 0 or self.context_channels < 1 or self.context_blocks < 0:
             raise ValueError(
                 f"steps = {self.steps}, context_blocks = {self.context_blocks} must be >= 0 and "

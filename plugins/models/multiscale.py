@@ -7,7 +7,7 @@ MaCow's fine-grained variant, ``splits = 2`` and a few ``bottom_depth`` steps at
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ from flowkit import (
     Copies, DecompositionLayer, DensityModel, Derive, PartRef, ShapeError, Transform, hookimpl, param, part_field,
 )
 from flowkit.contracts.model import Generated, LatentLevel
+from flowkit.params import MAX_COPIES
 from flowkit.contracts.transform import Sequential, zeros_logabsdet
 
 if TYPE_CHECKING:
@@ -57,6 +58,11 @@ class MultiscaleParams:
         for name in ("levels", "depth", "splits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1.")
+        steps = ((self.levels - 1) * self.splits + 1) * self.depth + self.bottom_depth
+        if self.levels > 32 or self.splits > 32 or steps > MAX_COPIES:
+            raise ValueError(f"levels = {self.levels}, splits = {self.splits}, depth = {self.depth} and bottom_depth = "
+                             f"{self.bottom_depth} make {steps} steps; at most 32 levels, 32 splits and "
+                             f"{MAX_COPIES} steps.")
         if self.bottom_depth < 0:
             raise ValueError(f"bottom_depth = {self.bottom_depth} must be >= 0.")
 

@@ -33,6 +33,7 @@ from flowkit import (
 )
 from flowkit.contracts.model import Generated, LatentLevel, LatentLevels
 from flowkit.contracts.transform import Sequential
+from flowkit.params import MAX_COPIES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +55,10 @@ class WaveletFlowParams:
         "the 1x1 convolutions mixing channels in between (the reference code's channel split)")
 
     def __post_init__(self) -> None:
-        if self.levels < 0:
-            raise ValueError(f"levels = {self.levels} must be >= 0.")
+        if not 0 <= self.levels <= 30:
+            raise ValueError(f"levels = {self.levels} must be in 0..30 (a 2^30-pixel side).")
+        if any(d > MAX_COPIES for d in self.depth):
+            raise ValueError(f"depth = {list(self.depth)}: at most {MAX_COPIES} steps per level.")
         for key in ("depth", "hidden", "crops"):
             value = getattr(self, key)
             if value and len(value) not in (1, self.levels + 1):

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -219,3 +220,14 @@ def test_flowkit_run_with_mutated_overrides_exits_2_without_a_traceback(case: tu
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and result.output.startswith("Error:")
     assert not (ROOT / "runs" / "never-created-by-the-fuzzer").exists()
+
+
+@pytest.mark.parametrize(("recipe", "item"), [
+    ("glow.toml", "model.depth=1000000000"), ("glow.toml", "model.levels=100000"),
+    ("wavelet_flow_affine.toml", "model.levels=100000000"), ("flowpp.toml", "dequantizer.steps=1000000000"),
+])
+def test_a_huge_step_count_is_refused_before_anything_is_derived_for_it(recipe: str, item: str) -> None:
+    """Found by the fuzzer: `model.depth = 10**9` made recipe loading derive a value per step and
+    exhaust memory (20 GB in CI) before any check ran."""
+    with pytest.raises(FlowkitError, match=r"at most|must be in 0\.\.30"):
+        load_recipe(ROOT / "recipes" / recipe, PLUGINS.registries, preset="smoke", overrides=[item])
