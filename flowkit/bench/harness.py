@@ -138,22 +138,12 @@ def precision(amp: str, device: torch.device) -> str:
     return label
 
 
-def compile_mode(recipe: Recipe) -> str:
-    """train.compile: "off", or the torch.compile mode of the model's terms."""
-    return recipe.train.compile
-
-
 def flowkit_contender(prep: Prepared) -> Contender:
     """The trainer's step, the objective's bits/dim without gradients, the model's samples (T = 1)."""
     trainer, s = prep.trainer, prep.session
 
     def train_step(x: Tensor) -> None:
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.backward(x)
-        trainer.clip()
-        trainer.optimizer.step()
-        if s.average is not None:  # train.ema: part of every step of such a recipe
-            s.average.update()
+        trainer.train_step(x)
 
     def log_likelihood(x: Tensor) -> Tensor:
         return s.objective.loss(x)[0]
@@ -165,7 +155,7 @@ def flowkit_contender(prep: Prepared) -> Contender:
         return s.model.sample(n, temperature=1.0)
 
     return Contender("flowkit", train_step, log_likelihood, sample, [s.model, s.dequantizer], trainer.optimizer,
-                     dtype=precision(prep.recipe.train.amp, s.device), compile=compile_mode(prep.recipe),
+                     dtype=precision(prep.recipe.train.amp, s.device), compile=prep.recipe.train.compile,
                      train_loss=train_loss)
 
 

@@ -282,6 +282,23 @@ class Trainer:
             weighted.append(loss.detach().float() * self.micro_weight)
         return torch.stack(weighted).sum(), terms
 
+    def train_step(self, x: torch.Tensor, batch: int | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+        """One optimiser step on the batch ``x`` (this rank's share of ``batch`` images): the batch to
+        the device in the recipe's layout, gradients of its micro-batches, clipping, the update and
+        train.ema's average. What `_steps` runs each step and what ``flowkit bench`` times; returns
+        the loss, the terms and the gradient norms before clipping, all still on the device."""
+        x = x.to(self.s.device, non_blocking=True)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, terms = self.backward(x, batch)
+        norms = self.clip()
+        self.optimizer.step()
+        if self.s.average is not None:
+            self.s.average.update()
+        return loss, terms, norms
+
     def clip(self) -> list[torch.Tensor]:
         """Gradient norms before clipping: one per parameter group, or one over all of them
         (``grad_clip_scope = "global"``, Flow++'s single norm over model and dequantizer)."""
@@ -399,16 +416,8 @@ class Trainer:
             x = s.train_x[distributed.shard(indices, self.world)]
             if cfg.shift_augment:
                 x = random_shift(x, cfg.shift_augment)
-            x = x.to(s.device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss, terms = self.backward(x, len(indices))
-            norms = self.clip()
+            loss, terms, norms = self.train_step(x, len(indices))
             values = torch.stack([loss.detach().float()] + [n.detach().float() for n in norms])
-            self.optimizer.step()
-            if s.average is not None:
-                s.average.update()
             st.step += 1
             st.images += len(indices)
             dt = time.perf_counter() - tick
