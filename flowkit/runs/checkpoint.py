@@ -344,6 +344,22 @@ def load_weights(path: Path, modules: dict[str, nn.Module], device: torch.device
             )
 
 
+def _state_in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Each per-element state tensor (Adam's moments) in the memory layout of its parameter.
+
+    safetensors stores tensors contiguous, so a channels-last weight's moments come back in the
+    default layout. The fused optimiser kernels walk parameter, gradient and moments as flat
+    memory and assume one layout: with moments in another, a resumed run paired each weight with
+    another weight's moment (what once looked like results depending on where tensors lie). The
+    element-wise (foreach) kernels are right either way, but slower on mixed layouts."""
+    with torch.no_grad():
+        for param, state in optimizer.state.items():
+            for name, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                        and value.stride() != param.stride()):
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def load_checkpoint(
     path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None,
     device: torch.device | str = "cpu",
@@ -358,5 +374,6 @@ def load_checkpoint(
             optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
         except (ValueError, KeyError) as exc:  # another number of parameter groups or sizes
             raise CheckpointError(f"checkpoint {path} does not fit the optimizer this recipe builds: {exc}") from None
+        _state_in_parameter_layout(optimizer)
     trainer_tensors = _load_file(path / "trainer.safetensors", "cpu")
     return trainer_tensors, {"step": meta["step"], **meta["trainer"]}

@@ -402,3 +402,30 @@ def test_a_broken_latest_json_offers_the_checkpoints_kept(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match="is not a checkpoint pointer") as raised:
         latest_checkpoint(directory)
     assert f"flowkit run --resume {tmp_path / 'run'} --from-checkpoint step-00000002" in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach"])
+def test_a_channels_last_weight_resumes_with_its_moments_in_its_own_layout(tmp_path: Path, kind: str) -> None:
+    """safetensors stores tensors contiguous; Adam's moments of a channels-last weight come back in
+    its layout, so the fused kernel (which walks weight, gradient and moments as flat memory)
+    pairs each weight with its own moments and the resumed step equals the uninterrupted one."""
+    def parts() -> tuple[nn.Conv2d, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 5, 3).to(memory_format=torch.channels_last)
+        return conv, torch.optim.Adam(conv.parameters(), lr=1e-2, **{kind: True})
+
+    def step(conv: nn.Conv2d, optimizer: torch.optim.Optimizer, seed: int) -> None:
+        optimizer.zero_grad()
+        x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+        conv(x.contiguous(memory_format=torch.channels_last)).square().sum().backward()
+        optimizer.step()
+
+    conv, optimizer = parts()
+    step(conv, optimizer, 1)
+    path = save_checkpoint(tmp_path, 1, {"conv": conv}, optimizer, {}, {"train_seconds": 0.0, "images": 0, "recent": []})
+    fresh, fresh_optimizer = parts()
+    load_checkpoint(path, {"conv": fresh}, fresh_optimizer)
+    assert fresh_optimizer.state[fresh.weight]["exp_avg"].stride() == fresh.weight.stride() != (45, 9, 3, 1)
+    step(conv, optimizer, 2)
+    step(fresh, fresh_optimizer, 2)
+    assert torch.equal(fresh.weight, conv.weight) and torch.equal(fresh.bias, conv.bias)

@@ -74,14 +74,15 @@ def test_compiled_terms_give_the_loss_and_gradients_of_eager(plugins: Plugins, t
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "adamax"])
-def test_foreach_optimisers_take_the_default_implementations_step(name: str) -> None:
+def test_fast_optimisers_take_the_default_implementations_step(name: str) -> None:
+    """Fused Adam/AdamW and foreach Adamax: the step of torch's one-tensor-at-a-time default."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     fast = make_optimizer(name, [{"params": params}], lr=1e-2, weight_decay=1e-3)
     cls = type(fast)
     default = cls([{"params": twins}], lr=1e-2, weight_decay=1e-3, foreach=False)
-    assert fast.defaults.get("foreach")
+    assert fast.defaults.get("fused" if name != "adamax" else "foreach")
     for step in range(5):
         grads = [torch.randn_like(p) for p in params]
         for p, q, g in zip(params, twins, grads, strict=True):
