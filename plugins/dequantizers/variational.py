@@ -133,6 +133,8 @@ class VariationalDequantizer(Dequantizer):
         return x, self.encoder(x / 2**n_bits - 0.5)
 
     def _flow(self, eps: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        if self.flow.recompute and torch.is_grad_enabled():
+            return self.flow(eps, context)  # train.memory = "recompute": one step's memory, not one per step
         h, total = eps, torch.zeros(eps.shape[0], dtype=logdet_dtype(eps), device=eps.device)
         recompute = self.checkpoint and torch.is_grad_enabled()
         for step in self.flow.transforms:

@@ -156,6 +156,10 @@ class FlowPP(DensityModel):
     def encode(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, Σ log|det|)``: the latent of images ``y`` in [0, 1) and the flow's log-det."""
         self._check(y)
+        if self.flow.recompute and torch.is_grad_enabled():
+            # train.memory = "recompute": the whole chain at once (`Sequential.forward`), so the
+            # memory for backward is one step's, not one output per step as the loop keeps.
+            return self.flow(y)
         z, total = y, zeros_logabsdet(y)
         recompute = self.checkpoint and torch.is_grad_enabled()
         for transform in self.flow.transforms:

@@ -179,6 +179,9 @@ def test_gpu_suite_plans_every_figure_of_the_issue() -> None:
     assert eager == {(m, b, p) for m in ("glow", "flowpp") for b in (64, 256) for p in ("fp32", "tf32", "bf16")}
     assert [r.level for r in rows if r.model == "wavelet_flow"] == list(range(7))  # paper: 6 levels and the base
     assert {r.model for r in rows if r.check_syncs} == {"glow", "flowpp", "wavelet_flow"}
+    # Flow++'s <= 12 GiB at batch 64: the rows that rebuild activations in backward.
+    assert {(r.model, r.batch, r.precision) for r in rows if r.memory == "recompute"} == {
+        ("flowpp", 64, "tf32"), ("flowpp", 64, "bf16")}
 
 
 def test_gpu_suite_row_runs_on_cpu_and_reports_out_of_memory(plugins: Plugins,

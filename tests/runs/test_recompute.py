@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -184,9 +185,11 @@ def test_no_grad_and_inverse_are_unchanged() -> None:
         torch.testing.assert_close(model.decode(latents), y, atol=1e-5, rtol=0)
 
 
-def saved_for_backward_bytes(model: nn.Module, y: Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward in ``-log_prob(y).mean()``,
-    the parameters' own storages left out (they are held whatever autograd does)."""
+def saved_for_backward_bytes(model: nn.Module, y: Tensor, loss_of: Any = None) -> int:
+    """Bytes of the distinct storages autograd saves for backward in ``-log_prob(y).mean()``
+    (or ``loss_of(model, y)``), the parameters' own storages left out (they are held whatever
+    autograd does)."""
+    loss_of = loss_of or (lambda m, v: -m.log_prob(v).mean())
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -197,7 +200,7 @@ def saved_for_backward_bytes(model: nn.Module, y: Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = -model.log_prob(y).mean()
+        loss = loss_of(model, y)
     loss.backward()
     return sum(saved.values())
 
@@ -219,6 +222,39 @@ def test_saved_memory_is_flat_in_depth_under_recompute_and_linear_when_stored(sp
     per_step = stored[1] - stored[0]
     assert per_step > 0 and stored[2] - stored[1] == 2 * per_step
     assert recomputed[0] < stored[0]
+
+
+def flowpp(steps: int) -> nn.Module:
+    step = {"use": "glow", "coupling": {"use": "affine", "net": GATED_NET}}
+    return flowkit.build("model", "flowpp", in_shape=(2, 4, 4), step=step, layout=["checkerboard"] * steps)
+
+
+def variational(steps: int) -> nn.Module:
+    step = {"use": "glow", "coupling": {"use": "affine", "net": GATED_NET}}
+    return flowkit.build("dequantizer", "variational", in_shape=(2, 4, 4), steps=steps, step=step,
+                         context_channels=4, context_blocks=1, dropout=0.0)
+
+
+@pytest.mark.parametrize("build", [flowpp, variational], ids=["flowpp", "variational"])
+def test_flowpp_and_its_dequantizer_keep_one_steps_memory_under_recompute(build: Any) -> None:
+    """Flow++ and the variational dequantizer run their steps themselves (Flow++'s own
+    checkpoint option, the dequantizer's context); under recompute they hand the whole chain to
+    `Sequential`, so the bytes saved for backward do not grow with the number of steps."""
+    if build is flowpp:
+        data, loss_of = torch.rand(4, 2, 4, 4), None
+    else:
+        data = torch.randint(0, 8, (4, 2, 4, 4), dtype=torch.uint8)
+        loss_of = lambda deq, x: deq(x, 3)[1].mean()  # noqa: E731 - log q(u | x)
+    stored, recomputed = [], []
+    for steps in (1, 2, 4):
+        torch.manual_seed(0)
+        module = build(steps)
+        stored.append(saved_for_backward_bytes(module, data, loss_of))
+        use_recompute(module)
+        torch.manual_seed(1)  # the dequantizer's noise: the same in both counts
+        recomputed.append(saved_for_backward_bytes(module, data, loss_of))
+    assert recomputed[0] == recomputed[1] == recomputed[2]
+    assert stored[2] - stored[1] == 2 * (stored[1] - stored[0]) > 0
 
 
 @pytest.mark.parametrize("memory", ["store", "recompute"])
