@@ -144,8 +144,9 @@ def shard(indices: Tensor, w: World) -> Tensor:
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
-    """The RNG seed of rank > 0 from ``step`` on: its dequantization noise must differ from rank 0's,
-    whose stream is the one checkpoints carry."""
+    """The RNG seed of rank > 0 for ``step``, set before every step: its dequantization noise must
+    differ from rank 0's, whose stream is the one checkpoints carry, and depend on the step alone,
+    so that a run resumed with any number of processes draws what an uninterrupted one drew."""
     return zlib.crc32(f"{seed}/{rank}/{step}".encode()) + (rank << 32)
 
 

@@ -6,7 +6,8 @@ trained by separate processes (GPUs, machines sharing a file system) into one ru
     recipe.toml              the whole model's resolved recipe (train.level = -1), shared by the jobs
     levels/<term>/           one job's run directory (recipe.toml with train.level = i, metrics.jsonl,
                              summary.json, checkpoints/, .lock), e.g. levels/base, levels/level1
-    summary.json report.md   the whole model, written once every level has finished
+    summary.json report.md   the whole model, written once every level has finished (status
+                             "retraining" while a level trains again with --overwrite)
     samples/                 the whole model's sample grids
     .lock                    held while a job assembles the whole model
 
@@ -236,7 +237,31 @@ def train_level(session: Session, reporter: Reporter, out: Path, *,
     name = term_names(session)[recipe.train.level]
     join(out, recipe)
     with RunDir.create(name, Path(out) / LEVELS / name, overwrite=overwrite) as rundir:
+        if overwrite:
+            supersede_whole_model(Path(out), name)
         return rundir, execute(session, rundir, reporter)
+
+
+def supersede_whole_model(out: Path, level: str) -> None:
+    """The whole model's summary.json and report.md describe the weights of every level as they
+    were; once ``level`` trains again (``--overwrite``) its old weights are gone, so under the
+    shared lock the summary becomes status "retraining" (the old one kept inside it, under
+    "previous") and report.md becomes report.previous.md. Readers that want a finished run
+    (reports, ablations) then say so instead of showing figures of weights that no longer exist;
+    the job that finishes last assembles and writes them anew."""
+    shared = RunDir.existing(out)
+    with shared.lock("mark as being retrained", wait=True):
+        previous = shared.read_summary()
+        if not previous:
+            return
+        retraining = sorted({*previous.get("retraining", []), level})
+        if previous.get("status") == "retraining":
+            shared.write_summary({**previous, "retraining": retraining})
+            return
+        shared.write_summary({"status": "retraining", "retraining": retraining, "previous": previous})
+        report = out / "report.md"
+        if report.is_file():
+            report.replace(out / "report.previous.md")
 
 
 def assemble(out: Path, plugins: Plugins, reporter: Reporter) -> tuple[RunDir, dict[str, Any]] | None:

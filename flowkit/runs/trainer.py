@@ -347,8 +347,6 @@ class Trainer:
         if self.world.size > 1:
             # After the initialisation or the resume; DDP broadcasts rank 0's weights and buffers here.
             self.net = distributed.data_parallel(self.objective, self.parts, s.device)
-            if not self.world.main:  # its own dequantization noise; rank 0 keeps the checkpointed stream
-                torch.manual_seed(distributed.rank_seed(cfg.seed, self.world.rank, self.state.step))
         self.reporter.start(cfg.steps or None, cfg.minutes * 60 or None, self.state.step)
         s.model.train()
         s.dequantizer.train()
@@ -414,6 +412,10 @@ class Trainer:
             lr = self.lr_at(st.step, st.train_seconds)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if not self.world.main:
+                # Its own dequantization noise, a function of the step alone, so a resumed run
+                # draws what an uninterrupted one drew; rank 0's stream is the one checkpoints carry.
+                torch.manual_seed(distributed.rank_seed(cfg.seed, self.world.rank, st.step))
             indices = next(data)  # the global batch: the same on every rank
             x = s.train_x[distributed.shard(indices, self.world)]
             if cfg.shift_augment:

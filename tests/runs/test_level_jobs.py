@@ -156,6 +156,32 @@ def test_the_missing_level_then_completes_the_directory(
     assert summary["test_bpd"] == pytest.approx(together["test_bpd"])
 
 
+def test_a_level_trained_again_marks_the_whole_models_figures_as_those_of_old_weights(
+    trained: Path, tmp_path: Path, plugins: Plugins, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    before = json.loads((copy / "summary.json").read_text())
+    assert before["status"] == "finished" and (copy / "report.md").is_file()
+    seen: list[dict] = []
+    execute = level_jobs.execute
+
+    def watched(*args: object, **kwargs: object) -> object:  # while the level trains again
+        seen.append(json.loads((copy / "summary.json").read_text()))
+        assert not (copy / "report.md").exists() and (copy / "report.previous.md").is_file()
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(level_jobs, "execute", watched)
+    _, summary = start_run(copy / "recipe.toml", plugins, SilentReporter(),
+                           overrides=("train.level=1",), out=copy, overwrite=True)
+    assert seen == [{"status": "retraining", "retraining": ["level1"], "previous": before}]
+    # The job that finished last assembled the new weights: a finished summary and report again.
+    after = json.loads((copy / "summary.json").read_text())
+    assert after["status"] == "finished" and summary["level"] == -1 and (copy / "report.md").is_file()
+    # Seeded and deterministic: the level trained again has the same weights, so the same figure.
+    assert after["test_bpd"] == pytest.approx(before["test_bpd"])
+
+
 def test_a_second_job_for_a_level_that_is_training_is_refused(tmp_path: Path, plugins: Plugins) -> None:
     out = tmp_path / "run"
     first = job(0, out, "--set", "train.steps=100000")
