@@ -8,6 +8,10 @@ Two masks split an input ``(B, C, H, W)``:
   the last ``C // f`` channels instead (MaCow's split-prior coupling, ``NICE(factor=f)``).
 - ``checkerboard``: pixels ``(i, j)`` with ``(i + j) % 2 == parity`` condition, the others are
   transformed (RealNVP). The net sees the masked input ``x * mask`` with all ``C`` channels.
+- ``columns``: the columns ``j`` with ``j % 2 == parity`` condition, the others are transformed:
+  what Flow++'s released ``CheckerboardSplit`` does (aravindsrinivas/flowpp ``flows/flows.py``:
+  it pairs columns ``2m, 2m + 1`` in every row, so the halves are the even and the odd columns,
+  not a checkerboard). Otherwise as ``checkerboard``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from flowkit import PartRef, ShapeError, Transform
 from flowkit.contracts.transform import logdet_dtype, zeros_logabsdet
 
 Shape = tuple[int, ...]
-MaskKind = Literal["channel", "checkerboard"]
+MaskKind = Literal["channel", "checkerboard", "columns"]
+SPATIAL_MASKS = ("checkerboard", "columns")  # a pattern over the pixels; every channel on both sides
 
 
 def checkerboard(height: int, width: int, parity: int) -> Tensor:
@@ -29,6 +34,17 @@ def checkerboard(height: int, width: int, parity: int) -> Tensor:
     rows = torch.arange(height).view(-1, 1)
     cols = torch.arange(width).view(1, -1)
     return ((rows + cols) % 2 == parity).view(1, 1, height, width)
+
+
+def columns(height: int, width: int, parity: int) -> Tensor:
+    """A ``(1, 1, H, W)`` bool mask, true in the columns ``j`` with ``j % 2 == parity`` (the conditioning pixels)."""
+    cols = torch.arange(width).view(1, -1).expand(height, -1)
+    return (cols % 2 == parity).view(1, 1, height, width)
+
+
+def spatial_mask(kind: str, height: int, width: int, parity: int) -> Tensor:
+    """The ``(1, 1, H, W)`` conditioning pixels of a spatial mask ``kind`` (`SPATIAL_MASKS`)."""
+    return (checkerboard if kind == "checkerboard" else columns)(height, width, parity)
 
 
 def check_factor(factor: int) -> None:
@@ -84,11 +100,11 @@ class MaskedCoupling(Transform):
             self.cond_channels = first if parity == 0 else channels - first
             self.trans_channels = channels - self.cond_channels
             self._first = first
-        elif mask == "checkerboard":
+        elif mask in SPATIAL_MASKS:
             self.cond_channels = self.trans_channels = channels
-            self.register_buffer("mask", checkerboard(height, width, parity), persistent=False)
+            self.register_buffer("mask", spatial_mask(mask, height, width, parity), persistent=False)
         else:
-            raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard".')
+            raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard", "columns".')
         self.net = build(
             net, in_shape=(self.cond_channels, height, width), context_shape=context_shape,
             out_channels=self.params_per_entry * self.trans_channels,
@@ -107,7 +123,7 @@ class MaskedCoupling(Transform):
     def _mask(self, x: Tensor) -> Tensor:
         if tuple(x.shape[2:]) == tuple(self.mask.shape[2:]):
             return self.mask
-        return checkerboard(x.shape[2], x.shape[3], self.parity).to(x.device)
+        return spatial_mask(self.mask_kind, x.shape[2], x.shape[3], self.parity).to(x.device)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_cond, x_trans)``: what the net sees and what is transformed."""
@@ -125,7 +141,7 @@ class MaskedCoupling(Transform):
 
     def sum_transformed(self, values: Tensor) -> Tensor:
         """Per-sample sum of ``values`` over the transformed entries only."""
-        if self.mask_kind == "checkerboard":
+        if self.mask_kind in SPATIAL_MASKS:
             values = values.masked_fill(self._mask(values), 0.0)
         return values.sum(dim=(1, 2, 3))
 
@@ -182,20 +198,20 @@ class CompactHalves:
 
     The same masks as `MaskedCoupling` (`checkerboard` and the channel halves, same parity),
     but ``checkerboard`` gathers the conditioning pixels and the others into two
-    ``(B, C, H, W/2)`` tensors, so the net runs on half the pixels (Flow++'s
-    CheckerboardSplit does the same, on column pairs).
+    ``(B, C, H, W/2)`` tensors, so the net runs on half the pixels; ``columns`` gathers the
+    even and the odd columns, as Flow++'s released CheckerboardSplit does.
     """
 
     def __init__(self, in_shape: Shape, mask: str, parity: int) -> None:
         channels, height, width = in_shape
         self.mask, self.parity = mask, parity
-        if mask == "checkerboard":
+        if mask in SPATIAL_MASKS:
             if width % 2:
-                raise ShapeError(f"A checkerboard coupling with compact halves needs an even width, got in_shape {in_shape}.")
+                raise ShapeError(f"A {mask} coupling with compact halves needs an even width, got in_shape {in_shape}.")
             self.cond_shape = self.trans_shape = (channels, height, width // 2)
             # In row i the pair (2m, 2m + 1) has its conditioning pixel at the even column
-            # exactly when checkerboard() marks column 0 of that row.
-            self.cond_is_even_col = checkerboard(height, width, parity)[..., :1]
+            # exactly when the mask marks column 0 of that row.
+            self.cond_is_even_col = spatial_mask(mask, height, width, parity)[..., :1]
         elif mask == "channel":
             if channels < 2:
                 raise ShapeError(
@@ -207,7 +223,7 @@ class CompactHalves:
             self.cond_shape = (cond, height, width)
             self.trans_shape = (channels - cond, height, width)
         else:
-            raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard".')
+            raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard", "columns".')
 
     def split(self, x: Tensor, cond_is_even_col: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.mask == "channel":

@@ -11,10 +11,10 @@ from torch import Tensor
 
 from flowkit import FlowkitError, PartRef, ShapeError, Transform, hookimpl, param, part_field
 from flowkit.contracts.transform import logdet_dtype
-from flowkit_plugins.couplings._masks import CompactHalves
+from flowkit_plugins.couplings._masks import SPATIAL_MASKS, CompactHalves
 
 Shape = tuple[int, ...]
-MaskKind = Literal["channel", "checkerboard"]
+MaskKind = Literal["channel", "checkerboard", "columns"]
 
 #: Bounds on the log-scale of each logistic component. The lower one is Flow++'s (-7); the
 #: upper one keeps exp(log_s) * t finite in the inverse's bracket.
@@ -31,7 +31,8 @@ class InverseDidNotConverge(FlowkitError):
 @dataclass(frozen=True, kw_only=True)
 class MixLogisticParams:
     mask: MaskKind = param(
-        "checkerboard", "channel: halves of the channels; checkerboard: the pixels with (i + j) % 2 == parity condition"
+        "checkerboard", "channel: halves of the channels; checkerboard: the pixels with (i + j) % 2 == parity condition; "
+        "columns: the columns j with j % 2 == parity condition (Flow++'s released CheckerboardSplit)"
     )
     parity: int = param(0, "which half is transformed (0 or 1); alternate it between steps")
     components: int = param(32, "logistic mixture components K (Flow++ uses 32)")
@@ -171,7 +172,7 @@ class MixLogisticCoupling(Transform):
         self.tol, self.max_iter = tol, max_iter
         self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
         self._halves = CompactHalves(self.in_shape, mask, parity)
-        if mask == "checkerboard":
+        if mask in SPATIAL_MASKS:
             self.register_buffer("cond_is_even_col", self._halves.cond_is_even_col, persistent=False)
         else:
             self.cond_is_even_col = None
@@ -191,7 +192,7 @@ class MixLogisticCoupling(Transform):
 
     def _splits_context(self) -> bool:
         cs = self.context_shape
-        return self.mask_kind == "checkerboard" and cs is not None and len(cs) == 3 and cs[1:] == self.in_shape[1:]
+        return self.mask_kind in SPATIAL_MASKS and cs is not None and len(cs) == 3 and cs[1:] == self.in_shape[1:]
 
     def _net_context_shape(self) -> Shape | None:
         if self._splits_context():

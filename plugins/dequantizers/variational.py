@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from flowkit import (
 )
 from flowkit.contracts.transform import logdet_dtype
 from flowkit.params import MAX_COPIES
+from flowkit_plugins.nets._ddi import data_dependent_init, mark
 
 Shape = tuple[int, int, int]
 LOG_2PI = math.log(2 * math.pi)
@@ -40,6 +41,14 @@ class VariationalParams:
     )
     context_channels: int = param(32, "channels of the context computed from x (Flow++: 32)")
     context_blocks: int = param(3, "gated conv blocks of the context encoder (Flow++: 3)")
+    context_layout: Literal["image", "columns"] = param(
+        "image", "image: the encoder sees the whole image and the context has its resolution (a coupling "
+        "with compact halves gathers both halves of it); columns: the even and the odd columns side by side "
+        "(2C channels at half width), the context at half width, as the released Flow++ (run_cifar.py "
+        "shallow_processor) for its column-split couplings")
+    context_init: Literal["fixed", "data"] = param(
+        "fixed", "fixed: PyTorch's initialisation, gate convolutions x 0.1; data: every convolution standardised "
+        "on the first batch, gate convolutions to 0.1 (Flow++'s conv2d with vcfg.init)")
     dropout: float = param(0.2, "dropout in the context encoder")
     checkpoint: bool = param(False, "recompute each step in the backward pass (gradient checkpointing)")
 
@@ -112,8 +121,18 @@ class VariationalDequantizer(Dequantizer):
         self.in_shape = tuple(int(s) for s in in_shape)
         self.checkpoint = params.checkpoint
         c, h, w = self.in_shape
+        self.context_layout = params.context_layout
+        if params.context_layout == "columns":
+            if w % 2:
+                raise ShapeError(f"context_layout = \"columns\" needs an even width, got in_shape {self.in_shape}.")
+            c, w = 2 * c, w // 2
         context_shape = (params.context_channels, h, w)
         self.encoder = ContextEncoder(c, params.context_channels, params.context_blocks, params.dropout)
+        if params.context_init == "data":
+            for conv in self.encoder.convs2:
+                mark(conv, 0.1)
+            # Saved with the weights: a restored dequantizer is not initialised again.
+            self.register_buffer("context_initialized", torch.tensor(False))
         steps = [build(ref, in_shape=self.in_shape, context_shape=context_shape) for ref in build.copies(params, "step")]
         self.flow = Sequential(steps, context_shape=context_shape)
 
@@ -130,7 +149,13 @@ class VariationalDequantizer(Dequantizer):
             c, h, w = self.in_shape
             raise ShapeError(f"VariationalDequantizer expected images of shape (B, {c}, {h}, {w}), got {tuple(x.shape)}.")
         x = x.to(self._dtype())
-        return x, self.encoder(x / 2**n_bits - 0.5)
+        return x, self.encoder(self._encoder_input(x, n_bits))
+
+    def _encoder_input(self, x: Tensor, n_bits: int) -> Tensor:
+        centred = x / 2**n_bits - 0.5
+        if self.context_layout == "columns":  # (this, that) = CheckerboardSplit, concatenated on channels
+            return torch.cat([centred[..., 0::2], centred[..., 1::2]], dim=1)
+        return centred
 
     def _flow(self, eps: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         if self.flow.recompute and torch.is_grad_enabled():
@@ -173,7 +198,12 @@ class VariationalDequantizer(Dequantizer):
 
     @torch.no_grad()
     def initialize(self, x: Tensor, n_bits: int) -> None:
-        """Data-dependent initialisation (actnorm) of the flow, on noise drawn for the batch ``x``."""
+        """Data-dependent initialisation of the context encoder (``context_init = "data"``, once)
+        and of the flow (actnorm), on noise drawn for the batch ``x``."""
+        if hasattr(self, "context_initialized") and not bool(self.context_initialized):
+            encoder_input = self._encoder_input(x.to(self._dtype()), n_bits)
+            data_dependent_init(self.encoder, lambda: self.encoder(encoder_input))
+            self.context_initialized.fill_(True)
         x, context = self._context(x, n_bits)
         self.flow.initialize(torch.randn_like(x), context)
 

@@ -31,13 +31,14 @@ Shape = tuple[int, int, int]
 #: Flow++ on CIFAR-10 (the official run_cifar.py): 4 checkerboard couplings, a squeeze,
 #: 2 channel couplings, 3 checkerboard couplings; one Gaussian prior on the result.
 CIFAR_LAYOUT = ("checkerboard",) * 4 + ("squeeze",) + ("channel",) * 2 + ("checkerboard",) * 3
-LAYOUT_ITEMS = ("checkerboard", "channel", "squeeze")
+LAYOUT_ITEMS = ("checkerboard", "columns", "channel", "squeeze")
 
 
 @dataclass(frozen=True, kw_only=True)
 class FlowPPParams:
     layout: tuple[str, ...] = param(
-        CIFAR_LAYOUT, 'the steps in order: "checkerboard" or "channel" (a coupling step) or "squeeze"'
+        CIFAR_LAYOUT, 'the steps in order: "checkerboard", "columns" or "channel" (a coupling step with that '
+        'mask; "columns" is the even/odd column split of the released code) or "squeeze"'
     )
     step: PartRef = part_field(
         "step", {"use": "glow", "coupling": {"use": "mixlogistic"}}, "each coupling step: glow = actnorm, 1x1 conv, coupling (mixlogistic, or affine for the "

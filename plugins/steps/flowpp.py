@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from flowkit import PartRef, Sequential, ShapeError, Transform, hookimpl, param, part_field
 from flowkit.contracts.transform import logdet_dtype, zeros_logabsdet
-from flowkit_plugins.couplings._masks import checkerboard
+from flowkit_plugins.couplings._masks import SPATIAL_MASKS, spatial_mask
 
 Shape = tuple[int, ...]
 
@@ -45,8 +45,8 @@ class FlowPPStepParams:
 class HalvesInvConv(Transform):
     r"""Two invertible 1x1 convolutions, one per half of a coupling's split (Flow++'s Pointwise).
 
-    ``checkerboard``: ``z = W_0 x`` at the pixels where ``checkerboard(parity)`` is true and
-    ``W_1 x`` elsewhere (both C x C). ``channel``: ``z = blockdiag(W_0, W_1) x`` with ``W_0``
+    ``checkerboard`` (``columns``): ``z = W_0 x`` at the pixels where the mask of ``parity`` is
+    true and ``W_1 x`` elsewhere (both C x C). ``channel``: ``z = blockdiag(W_0, W_1) x`` with ``W_0``
     over the first ``C // 2`` channels and ``W_1`` over the rest.
 
     .. math:: \log|\det J| = n_0 \log|\det W_0| + n_1 \log|\det W_1|
@@ -59,9 +59,9 @@ class HalvesInvConv(Transform):
         super().__init__()
         channels, height, width = (int(s) for s in in_shape)
         self.in_shape, self.mask_kind, self.context_shape = (channels, height, width), mask, context_shape
-        if mask == "checkerboard":
+        if mask in SPATIAL_MASKS:
             sizes = (channels, channels)
-            self.register_buffer("mask", checkerboard(height, width, parity), persistent=False)
+            self.register_buffer("mask", spatial_mask(mask, height, width, parity), persistent=False)
             first = int(self.mask.sum())
             self.pixels = (first, height * width - first)  # pixels each matrix acts on
         elif mask == "channel":
@@ -70,7 +70,7 @@ class HalvesInvConv(Transform):
             sizes = (channels // 2, channels - channels // 2)
             self.pixels = (height * width, height * width)
         else:
-            raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard".')
+            raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard", "columns".')
         self.weights = nn.ParameterList(
             nn.Parameter(torch.eye(c) + noise * torch.randn(c, c)) for c in sizes)
 
@@ -80,7 +80,7 @@ class HalvesInvConv(Transform):
                              f"got {tuple(x.shape)}.")
 
     def _mix(self, x: Tensor, weights: list[Tensor]) -> Tensor:
-        if self.mask_kind == "checkerboard":
+        if self.mask_kind in SPATIAL_MASKS:
             w0, w1 = (w.to(x.dtype)[:, :, None, None] for w in weights)
             return torch.where(self.mask, F.conv2d(x, w0), F.conv2d(x, w1))
         return F.conv2d(x, torch.block_diag(*weights).to(x.dtype)[:, :, None, None])

@@ -54,3 +54,15 @@ def test_the_wavelet_flow_preset_is_exactly_the_reference() -> None:
     plugins = default_plugins()
     resolved = load_recipe(RECIPES / "wavelet_flow_affine.toml", plugins.registries, preset="paper")
     assert inspect(resolved, plugins, shape=(3, 64, 64), memory=False).params == WAVELET_FLOW_IMAGENET64
+
+
+def test_the_flowpp_preset_is_exactly_the_reference() -> None:
+    """Flow++'s count is equal too: the flow layer for layer, and the dequantizer's context encoder
+    on the column halves side by side at half width (context_layout = "columns"), as
+    run_cifar.py's shallow_processor; on the whole image it had 48,288 parameters more."""
+    plugins = default_plugins()
+    resolved = load_recipe(RECIPES / "flowpp.toml", plugins.registries, preset="paper")
+    assert inspect(resolved, plugins, shape=(3, 32, 32), memory=False).params == FLOWPP_CIFAR10
+    whole_image = load_recipe(RECIPES / "flowpp.toml", plugins.registries, preset="paper",
+                              overrides=('dequantizer.context_layout="image"',))
+    assert inspect(whole_image, plugins, shape=(3, 32, 32), memory=False).params == FLOWPP_CIFAR10 + 48_288

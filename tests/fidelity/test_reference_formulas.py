@@ -178,6 +178,19 @@ def test_flowpp_pointwise_is_one_matrix_per_half() -> None:
         for j in range(2):
             expected = (w0 if mask[i, j] else w1) @ x[:, :, i, j].T
             torch.testing.assert_close(z[:, :, i, j], expected.T)
+    # The released split (mask "columns"): W0 on the tuple's first element, the even columns
+    # at parity 0 (CheckerboardSplit's a) and the odd ones after a TupleFlip (parity 1).
+    for parity in (0, 1):
+        split = flowkit.build("step", "flowpp", in_shape=(3, 2, 4), noise=0.5, coupling={
+            "use": "mixlogistic", "mask": "columns", "parity": parity, "components": 2,
+            "net": {"use": "gated_resnet", "hidden": 4, "blocks": 1, "heads": 1}})
+        pointwise = split.transforms[1].double()
+        x = torch.randn(2, 3, 2, 4, dtype=torch.float64)
+        z, _ = pointwise(x)
+        w0, w1 = pointwise.weights
+        first, second = (slice(0, None, 2), slice(1, None, 2)) if parity == 0 else (slice(1, None, 2), slice(0, None, 2))
+        torch.testing.assert_close(z[..., first], torch.einsum("oc,bchw->bohw", w0, x[..., first]))
+        torch.testing.assert_close(z[..., second], torch.einsum("oc,bchw->bohw", w1, x[..., second]))
 
 
 def test_flowpp_data_dependent_init_standardises_every_layer() -> None:

@@ -44,7 +44,7 @@ def random_mixture(shape, k, spread=3.0, dtype=torch.float64):
     return log_pi, mu, log_s
 
 
-@pytest.mark.parametrize("mask", ["channel", "checkerboard"])
+@pytest.mark.parametrize("mask", ["channel", "checkerboard", "columns"])
 @pytest.mark.parametrize("parity", [0, 1])
 def test_round_trip_and_logdet_match_autograd_jacobian(plugins, mask, parity):
     t = make(plugins, mask=mask, parity=parity)
@@ -80,6 +80,26 @@ def test_checkerboard_transforms_only_the_other_colour(plugins, parity):
     conditioning = (rows + cols) % 2 == parity
     torch.testing.assert_close(z[:, 0][:, conditioning], x[:, 0][:, conditioning], atol=0, rtol=0)
     assert (z[:, 0][:, ~conditioning] != x[:, 0][:, ~conditioning]).all()
+
+
+@pytest.mark.parametrize("parity", [0, 1])
+def test_columns_condition_on_the_halves_of_flowpps_released_checkerboard_split(plugins, parity):
+    """aravindsrinivas/flowpp flows/flows.py CheckerboardSplit: reshape (B, H, W/2, 2, C) and
+    unstack, so (a, b) = (even columns, odd columns); the coupling conditions on a (TupleFlip
+    swaps them for the next step, which flowkit's alternating parity does)."""
+    t = make(plugins, shape=(1, 4, 4), mask="columns", parity=parity)
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    z, _ = t(x)
+    this, that = x[..., 0::2], x[..., 1::2]
+    cond, trans = (this, that) if parity == 0 else (that, this)
+    z_cond, z_trans = (z[..., 0::2], z[..., 1::2]) if parity == 0 else (z[..., 1::2], z[..., 0::2])
+    torch.testing.assert_close(z_cond, cond, atol=0, rtol=0)
+    assert (z_trans != trans).all()
+    # What the net sees is the conditioning half itself, compact: (B, C, H, W/2).
+    seen = []
+    t.net.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    t(x)
+    torch.testing.assert_close(seen[0], cond, atol=0, rtol=0)
 
 
 def test_round_trip_far_in_the_tails(plugins):

@@ -138,3 +138,63 @@ def test_y_stays_in_the_bin_of_x_where_the_sigmoid_rounds_up_in_float32(plugins)
     x = torch.tensor([0, 1, 128, 200, 254, 255], dtype=torch.uint8).repeat(32).view(4, 2, 4, 6)[..., :4]
     y, _ = deq(x, 8)
     torch.testing.assert_close(torch.floor(y * 256).to(torch.uint8), x, atol=0, rtol=0)
+
+
+# -- the released code's context: the column halves side by side, initialised from data ---------
+def keep(store: dict, name: str, value: torch.Tensor) -> None:
+    """For forward hooks: a hook that returns a value replaces the module's output."""
+    store.setdefault(name, value.detach().clone())
+
+
+def columns(plugins, **kwargs):
+    return make(plugins, coupling={"mask": "columns"}, context_layout="columns", **kwargs)
+
+
+def test_a_columns_context_is_computed_from_the_column_halves_at_half_width(plugins):
+    """run_cifar.py shallow_processor: x / 256 - 0.5, CheckerboardSplit, concatenated on channels,
+    then the convolutions at half width; each coupling gets that context as it is (32 channels
+    there, context_channels here), not gathered from a full-width one."""
+    deq = randomize_(columns(plugins))
+    x = images()
+    seen = {}
+    deq.encoder.conv_in.register_forward_hook(lambda m, args, out: keep(seen, "encoder", args[0]))
+    coupling = deq.flow.transforms[0].transforms[-1]
+    coupling.net.register_forward_hook(lambda m, args, out: keep(seen, "net", args[1]))
+    y, log_q = deq(x, 3)
+    centred = x.float() / 8 - 0.5
+    torch.testing.assert_close(seen["encoder"], torch.cat([centred[..., 0::2], centred[..., 1::2]], dim=1))
+    assert seen["net"].shape == (4, 4, 4, 2)  # context_channels at half width
+    assert coupling.net.context_shape == (4, 4, 2)
+    torch.testing.assert_close(torch.floor(y * 8).to(torch.uint8), x, atol=0, rtol=0)
+    deq = deq.double().eval()
+    y, log_q = deq(x, 3)
+    torch.testing.assert_close(deq.log_prob_noise(y * 8 - x.double(), x, 3), log_q, atol=1e-6, rtol=1e-6)
+
+
+def test_a_columns_context_needs_an_even_width(plugins):
+    with pytest.raises(flowkit.ShapeError, match="even width"):
+        columns(plugins, in_shape=(2, 4, 3))
+
+
+def test_context_init_data_standardises_the_encoder_once(plugins):
+    """flows.py conv2d with vcfg.init: every convolution of the shallow processor standardised
+    on the first batch, the gate convolutions (init_scale 0.1) to 0.1; a restored dequantizer
+    keeps its weights (the flag is saved with them)."""
+    torch.manual_seed(0)
+    deq = columns(plugins, context_init="data", context_blocks=2)
+    x = images(n=256)
+    deq.initialize(x, 3)
+    outputs = {}  # of each layer, on the initialisation batch, with the initialised weights
+    for name, conv in [("in", deq.encoder.conv_in), ("gate0", deq.encoder.convs2[0]), ("gate1", deq.encoder.convs2[1])]:
+        conv.register_forward_hook(lambda m, args, out, n=name: keep(outputs, n, out))
+    with torch.no_grad():
+        deq.encoder(torch.cat([x.float()[..., 0::2], x.float()[..., 1::2]], dim=1) / 8 - 0.5)
+    for name, scale in [("in", 1.0), ("gate0", 0.1), ("gate1", 0.1)]:
+        out = outputs[name]
+        torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(out.shape[1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.std(dim=(0, 2, 3), unbiased=False), torch.full((out.shape[1],), scale),
+                                   atol=1e-4, rtol=1e-3)
+    assert bool(deq.context_initialized) and "context_initialized" in deq.state_dict()
+    weights = deq.encoder.conv_in.weight.clone()
+    deq.initialize(images(n=256) // 2, 3)  # another batch: the encoder is not initialised again
+    torch.testing.assert_close(deq.encoder.conv_in.weight, weights, atol=0, rtol=0)
