@@ -13,6 +13,7 @@ from flowkit import PartRef, hookimpl, param, part_field
 from flowkit_plugins.couplings._masks import FACTOR_DOC, MaskedCoupling, MaskKind, Shape, check_factor, check_parity
 
 ScaleFn = Literal["sigmoid", "exp_tanh"]
+Order = Literal["shift_first", "scale_first"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +25,9 @@ class AffineParams:
         "sigmoid", "sigmoid: Glow's sigmoid(s + 2); exp_tanh: exp(clamp * tanh(s / clamp)), RealNVP-style"
     )
     clamp: float = param(2.0, "bound on |log scale| for scale_fn = exp_tanh")
+    order: Order = param(
+        "shift_first", "shift_first: Glow's (x + shift) * scale; scale_first: x * scale + shift (MaCow's NICE "
+        "coupling, macow/flows/nice.py)")
     net: PartRef = part_field("net", "glow_cnn", "conditioner predicting (shift, scale) from the other half")
 
     def __post_init__(self) -> None:
@@ -34,7 +38,8 @@ class AffineParams:
 
 
 class AffineCoupling(MaskedCoupling):
-    r"""Affine coupling: ``z_t = (x_t + shift) * scale``, ``z_c = x_c`` (Glow's order: shift first).
+    r"""Affine coupling: ``z_t = (x_t + shift) * scale``, ``z_c = x_c`` (Glow's order: shift first;
+    ``order = "scale_first"`` gives ``z_t = x_t * scale + shift``, MaCow's NICE coupling).
 
     The net maps ``(x_c, context)`` to ``2 * C_t`` channels, split into ``shift`` (first half)
     and ``s`` (second half). ``scale_fn = "sigmoid"`` gives Glow's ``scale = sigmoid(s + 2)``,
@@ -56,10 +61,12 @@ class AffineCoupling(MaskedCoupling):
 
     params_per_entry = 2
 
-    def __init__(self, in_shape: Shape, *, scale_fn: ScaleFn = "sigmoid", clamp: float = 2.0, **kwargs: Any) -> None:
+    def __init__(self, in_shape: Shape, *, scale_fn: ScaleFn = "sigmoid", clamp: float = 2.0,
+                 order: Order = "shift_first", **kwargs: Any) -> None:
         super().__init__(in_shape, **kwargs)
         self.scale_fn = scale_fn
         self.clamp = clamp
+        self.order = order
 
     @classmethod
     def from_params(
@@ -67,7 +74,7 @@ class AffineCoupling(MaskedCoupling):
     ) -> AffineCoupling:
         """Affine coupling (Glow), channel or checkerboard mask."""
         return cls(in_shape, mask=params.mask, parity=params.parity, factor=params.factor, net=params.net, scale_fn=params.scale_fn,
-                   clamp=params.clamp, context_shape=context_shape, build=build)
+                   clamp=params.clamp, order=params.order, context_shape=context_shape, build=build)
 
     def _shift_log_scale(self, h: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = h.chunk(2, dim=1)
@@ -78,14 +85,18 @@ class AffineCoupling(MaskedCoupling):
 
     def _transform(self, x_trans: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self._shift_log_scale(h)
+        if self.order == "scale_first":
+            return x_trans * torch.exp(log_scale) + shift, log_scale
         return (x_trans + shift) * torch.exp(log_scale), log_scale
 
     def _untransform(self, z_trans: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self._shift_log_scale(h)
+        if self.order == "scale_first":
+            return (z_trans - shift) * torch.exp(-log_scale), log_scale
         return z_trans * torch.exp(-log_scale) - shift, log_scale
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scale_fn={self.scale_fn}"
+        return f"{super().extra_repr()}, scale_fn={self.scale_fn}, order={self.order}"
 
 
 @hookimpl

@@ -26,11 +26,12 @@ def make(plugins, shape=(4, 4, 4), **kwargs):
     return flowkit.build("coupling", "affine", plugins=plugins, in_shape=shape, **kwargs).double()
 
 
+@pytest.mark.parametrize("order", ["shift_first", "scale_first"])
 @pytest.mark.parametrize("scale_fn", ["sigmoid", "exp_tanh"])
 @pytest.mark.parametrize("mask", ["channel", "checkerboard", "columns"])
 @pytest.mark.parametrize("parity", [0, 1])
-def test_affine_round_trip_and_brute_force_logdet(plugins, scale_fn, mask, parity):
-    t = randomize_(make(plugins, scale_fn=scale_fn, mask=mask, parity=parity))
+def test_affine_round_trip_and_brute_force_logdet(plugins, scale_fn, mask, parity, order):
+    t = randomize_(make(plugins, scale_fn=scale_fn, mask=mask, parity=parity, order=order))
     check_transform(t, torch.randn(2, 4, 4, 4, dtype=torch.float64))
 
 
@@ -158,3 +159,18 @@ def test_affine_parity_must_be_0_or_1(plugins):
 def test_affine_unknown_scale_fn_lists_choices(plugins):
     with pytest.raises(flowkit.RecipeError, match="exp_tanh"):
         make(plugins, scale_fn="exp")
+
+
+def test_scale_first_is_macows_nice_coupling(plugins):
+    """macow/flows/nice.py NICE.forward: mu, log_scale = net(z1).chunk(2); scale = sigmoid(log_scale + 2);
+    z2 = z2 * scale + mu; logdet = sum(log scale). Glow's order adds the shift before scaling."""
+    t = randomize_(make(plugins, mask="channel", order="scale_first"))
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    mu, raw = t.net(x[:, :2]).chunk(2, dim=1)
+    scale = torch.sigmoid(raw + 2.0)
+    z, logabsdet = t(x)
+    torch.testing.assert_close(z, torch.cat([x[:, :2], x[:, 2:] * scale + mu], dim=1))
+    torch.testing.assert_close(logabsdet, scale.log().flatten(1).sum(1))
+    glow = make(plugins, mask="channel")
+    glow.load_state_dict(t.state_dict())
+    assert not torch.allclose(glow(x)[0], z)
