@@ -111,8 +111,9 @@ def plan(tiny: bool, device: str, with_compile: bool) -> tuple[list[Row], list[s
     else:
         rows += [Row("glow", batches[-1], p, compiled=True) for p in precisions if p != "fp32"]
         rows += [Row("flowpp", batches[0], p, compiled=True) for p in precisions if p != "fp32"]
-    # Flow++ at batch 64 in <= 12 GiB: public code needs ~50 GiB; recompute keeps one step's
-    # activations instead of all 10 + 4 steps' (model and dequantizer).
+    # Flow++ at batch 64 in <= 12 GiB: public code needs ~50 GiB. The paper preset already
+    # checkpoints each step (one step's activations plus every step's output are kept);
+    # recompute drops the 10 + 4 step outputs too, at the price of their inverses in backward.
     rows += [Row("flowpp", batches[0], p, memory="recompute") for p in precisions if p != "fp32"]
     return rows, notes
 

@@ -146,7 +146,8 @@ def shard(indices: Tensor, w: World) -> Tensor:
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """The RNG seed of rank > 0 for ``step``, set before every step: its dequantization noise must
     differ from rank 0's, whose stream is the one checkpoints carry, and depend on the step alone,
-    so that a run resumed with any number of processes draws what an uninterrupted one drew."""
+    so that a run resumed with the same number of processes draws what an uninterrupted one drew
+    (another number splits the batch otherwise, docs/scale-out.md)."""
     return zlib.crc32(f"{seed}/{rank}/{step}".encode()) + (rank << 32)
 
 

@@ -236,32 +236,37 @@ def train_level(session: Session, reporter: Reporter, out: Path, *,
     recipe = session.recipe
     name = term_names(session)[recipe.train.level]
     join(out, recipe)
-    with RunDir.create(name, Path(out) / LEVELS / name, overwrite=overwrite) as rundir:
-        if overwrite:
-            supersede_whole_model(Path(out), name)
+    if overwrite:
+        # Under DIR/.lock: an assembly loading this level's old checkpoints finishes before they
+        # are removed, and none starts until the summary says the level is being retrained.
+        shared = RunDir.existing(Path(out))
+        with shared.lock("retrain a level of", wait=True):
+            rundir = RunDir.create(name, Path(out) / LEVELS / name, overwrite=True)
+            supersede_whole_model(shared, name)
+    else:
+        rundir = RunDir.create(name, Path(out) / LEVELS / name)
+    with rundir:
         return rundir, execute(session, rundir, reporter)
 
 
-def supersede_whole_model(out: Path, level: str) -> None:
+def supersede_whole_model(shared: RunDir, level: str) -> None:
     """The whole model's summary.json and report.md describe the weights of every level as they
-    were; once ``level`` trains again (``--overwrite``) its old weights are gone, so under the
-    shared lock the summary becomes status "retraining" (the old one kept inside it, under
-    "previous") and report.md becomes report.previous.md. Readers that want a finished run
-    (reports, ablations) then say so instead of showing figures of weights that no longer exist;
-    the job that finishes last assembles and writes them anew."""
-    shared = RunDir.existing(out)
-    with shared.lock("mark as being retrained", wait=True):
-        previous = shared.read_summary()
-        if not previous:
-            return
-        retraining = sorted({*previous.get("retraining", []), level})
-        if previous.get("status") == "retraining":
-            shared.write_summary({**previous, "retraining": retraining})
-            return
-        shared.write_summary({"status": "retraining", "retraining": retraining, "previous": previous})
-        report = out / "report.md"
-        if report.is_file():
-            report.replace(out / "report.previous.md")
+    were; once ``level`` trains again (``--overwrite``) its old weights are gone, so the summary
+    becomes status "retraining" (the old one kept inside it, under "previous") and report.md
+    becomes report.previous.md. Readers that want a finished run (reports, ablations) then say
+    so instead of showing figures of weights that no longer exist; the job that finishes last
+    assembles and writes them anew. The caller holds ``shared``'s lock."""
+    previous = shared.read_summary()
+    if not previous:
+        return
+    retraining = sorted({*previous.get("retraining", []), level})
+    if previous.get("status") == "retraining":
+        shared.write_summary({**previous, "retraining": retraining})
+        return
+    shared.write_summary({"status": "retraining", "retraining": retraining, "previous": previous})
+    report = shared.path / "report.md"
+    if report.is_file():
+        report.replace(shared.path / "report.previous.md")
 
 
 def assemble(out: Path, plugins: Plugins, reporter: Reporter) -> tuple[RunDir, dict[str, Any]] | None:
@@ -292,6 +297,7 @@ def assemble(out: Path, plugins: Plugins, reporter: Reporter) -> tuple[RunDir, d
         summary["wall_s"] = time.perf_counter() - started
         shared.write_summary(summary)
         write_report(shared)
+        (shared.path / "report.previous.md").unlink(missing_ok=True)  # superseded by the report just written
         shared.metrics.close()
         return shared, summary
 

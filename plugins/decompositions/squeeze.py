@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from flowkit import NoParams, ShapeError, hookimpl
+from flowkit import ShapeError, hookimpl, param
 from flowkit.contracts.decomposition import Decomposition, Shape
 from flowkit.contracts.transform import zeros_logabsdet
 from flowkit.registry import RegisterFn
 from flowkit_plugins.decompositions._dwt import check_bands_shape, check_image_shape
+
+
+@dataclass(frozen=True, kw_only=True)
+class SqueezeParams:
+    order: Literal["glow", "space_to_depth"] = param(
+        "glow", "channel order of the squeezed image: glow: 4c + 2i + j (openai/glow squeeze2d); space_to_depth: "
+        "(2i + j) C + c, TensorFlow's tf.space_to_depth on NHWC (Flow++'s released SpaceToDepth)")
 
 
 class SqueezeDecomposition(Decomposition):
@@ -25,7 +33,11 @@ class SqueezeDecomposition(Decomposition):
         s[:, 4c + 2i + j, h, w] = x[:, c, 2h + i, 2w + j], \qquad i, j \in \{0, 1\},
 
     and `unsqueeze` is its inverse; `to_channels`/`from_channels` are this pair, so the
-    multiscale and Flow++ models squeeze in Glow's layout (the one squeeze of flowkit).
+    multiscale and Flow++ models squeeze in Glow's layout. With ``order = "space_to_depth"``
+    the channels come sub-pixel first, ``s[:, (2i + j) C + c]``, as ``tf.space_to_depth`` orders
+    them (Flow++'s released ``SpaceToDepth``): the same pixels, another permutation of them,
+    which decides what a following channel coupling conditions on; `split` and `merge` (the
+    decomposition view) do not depend on it.
 
     As a `Decomposition`, the same permutation is read as a "wavelet" without any filtering,
     with the channel convention of the wavelets, so that it can replace ``haar`` in a
@@ -49,10 +61,14 @@ class SqueezeDecomposition(Decomposition):
 
     orthonormal = True
 
+    def __init__(self, order: str = "glow") -> None:
+        super().__init__()
+        self.order = order
+
     @classmethod
-    def from_params(cls, params: NoParams, *, build: Callable[..., Any]) -> SqueezeDecomposition:
+    def from_params(cls, params: SqueezeParams, *, build: Callable[..., Any]) -> SqueezeDecomposition:
         """Space-to-depth by 2 (Glow's squeeze), split into sub-pixel (0, 0) and the other three."""
-        return cls()
+        return cls(params.order)
 
     def output_shape(self, in_shape: Shape) -> tuple[Shape, Shape]:
         check_image_shape(type(self).__name__, tuple(in_shape), batched=False)
@@ -60,19 +76,37 @@ class SqueezeDecomposition(Decomposition):
         return (channels, height // 2, width // 2), (3 * channels, height // 2, width // 2)
 
     def squeeze(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, 4C, H/2, W/2)`` with ``s[:, 4c + 2i + j, h, w] = x[:, c, 2h + i, 2w + j]``."""
+        """``(B, C, H, W) -> (B, 4C, H/2, W/2)`` with ``s[:, 4c + 2i + j, h, w] = x[:, c, 2h + i, 2w + j]``
+        (``order = "glow"``) or ``s[:, (2i + j) C + c, h, w]`` (``"space_to_depth"``)."""
+        s = self._glow_squeeze(x)
+        if self.order == "space_to_depth":
+            batch, channels4, half_h, half_w = s.shape
+            s = s.reshape(batch, channels4 // 4, 4, half_h, half_w).transpose(1, 2).reshape(s.shape)
+        return s
+
+    def unsqueeze(self, s: Tensor) -> Tensor:
+        """``(B, 4C, h, w) -> (B, C, 2h, 2w)``, the inverse of `squeeze`."""
+        self._check_squeezed(s)
+        if self.order == "space_to_depth":
+            batch, channels4, half_h, half_w = s.shape
+            s = s.reshape(batch, 4, channels4 // 4, half_h, half_w).transpose(1, 2).reshape(s.shape)
+        return self._glow_unsqueeze(s)
+
+    def _glow_squeeze(self, x: Tensor) -> Tensor:
         check_image_shape(type(self).__name__, tuple(x.shape), batched=True)
         batch, channels, height, width = x.shape
         s = x.reshape(batch, channels, height // 2, 2, width // 2, 2)
         return s.permute(0, 1, 3, 5, 2, 4).reshape(batch, 4 * channels, height // 2, width // 2)
 
-    def unsqueeze(self, s: Tensor) -> Tensor:
-        """``(B, 4C, h, w) -> (B, C, 2h, 2w)``, the inverse of `squeeze`."""
+    def _check_squeezed(self, s: Tensor) -> None:
         if s.dim() != 4 or s.shape[1] % 4:
             raise ShapeError(
                 f"{type(self).__name__}.unsqueeze expects a tensor of shape (B, 4C, h, w), but got "
                 f"shape {tuple(s.shape)}."
             )
+
+    def _glow_unsqueeze(self, s: Tensor) -> Tensor:
+        self._check_squeezed(s)
         batch, channels4, half_h, half_w = s.shape
         x = s.reshape(batch, channels4 // 4, 2, 2, half_h, half_w).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(batch, channels4 // 4, 2 * half_h, 2 * half_w)
@@ -88,7 +122,7 @@ class SqueezeDecomposition(Decomposition):
         """``(B, C, H, W) -> (low (B, C, H/2, W/2), detail (B, 3C, H/2, W/2), zeros (B,))``."""
         check_image_shape(type(self).__name__, tuple(x.shape), batched=True)
         batch, channels, height, width = x.shape
-        s = self.squeeze(x).reshape(batch, channels, 4, height // 2, width // 2)
+        s = self._glow_squeeze(x).reshape(batch, channels, 4, height // 2, width // 2)
         low = s[:, :, 0]
         detail = s[:, :, 1:].reshape(batch, 3 * channels, height // 2, width // 2)
         return low, detail, zeros_logabsdet(x)
@@ -102,12 +136,12 @@ class SqueezeDecomposition(Decomposition):
             [low.to(dtype).unsqueeze(2), detail.to(dtype).reshape(batch, channels, 3, half_h, half_w)],
             dim=2,
         )
-        return self.unsqueeze(s.reshape(batch, 4 * channels, half_h, half_w)), zeros_logabsdet(low)
+        return self._glow_unsqueeze(s.reshape(batch, 4 * channels, half_h, half_w)), zeros_logabsdet(low)
 
 
 @hookimpl
 def flowkit_register_decompositions(register: RegisterFn) -> None:
     register(
-        "squeeze", SqueezeDecomposition.from_params, params=NoParams,
+        "squeeze", SqueezeDecomposition.from_params, params=SqueezeParams,
         summary="space-to-depth by 2 (Glow), split into sub-pixel (0, 0) and the other three",
     )

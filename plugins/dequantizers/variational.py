@@ -133,7 +133,16 @@ class VariationalDequantizer(Dequantizer):
                 mark(conv, 0.1)
             # Saved with the weights: a restored dequantizer is not initialised again.
             self.register_buffer("context_initialized", torch.tensor(False))
-        steps = [build(ref, in_shape=self.in_shape, context_shape=context_shape) for ref in build.copies(params, "step")]
+        try:
+            steps = [build(ref, in_shape=self.in_shape, context_shape=context_shape)
+                     for ref in build.copies(params, "step")]
+        except ShapeError as exc:
+            if params.context_layout != "columns":
+                raise
+            raise ShapeError(
+                f'context_layout = "columns" hands each step a context at half width {context_shape}, which '
+                f"this step cannot take ({exc}). It suits couplings with compact halves (mixlogistic with mask "
+                '"columns" or "checkerboard"); use context_layout = "image" for the others.') from None
         self.flow = Sequential(steps, context_shape=context_shape)
 
     @classmethod

@@ -116,8 +116,10 @@ class FlowPP(DensityModel):
     (`torch.utils.checkpoint`, non-reentrant; dropout masks are replayed), so the memory of a
     training step is one step's activations plus the step inputs.
 
-    Differences from the official code: actnorm is per channel (theirs is per position and
-    channel), and the 1x1 convolution acts on the whole image (theirs on each half).
+    With the default step (a Glow step) actnorm is per channel and the 1x1 convolution acts on
+    the whole image; the official code's step (per position and channel, one matrix per half)
+    is ``step:flowpp``, which the ``paper`` preset uses with the released split (``"columns"``)
+    and squeeze order (``squeeze.order = "space_to_depth"``).
 
     References:
         Ho et al., "Flow++", ICML 2019; github.com/aravindsrinivas/flowpp, flows/run_cifar.py.

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from flowkit.api import default_plugins
+from flowkit.build import Builder
+from flowkit.contracts.decomposition import DecompositionLayer
 from flowkit.recipes.load import load_recipe
 from flowkit.runs.inspect import inspect
 
@@ -66,3 +68,15 @@ def test_the_flowpp_preset_is_exactly_the_reference() -> None:
     whole_image = load_recipe(RECIPES / "flowpp.toml", plugins.registries, preset="paper",
                               overrides=('dequantizer.context_layout="image"',))
     assert inspect(whole_image, plugins, shape=(3, 32, 32), memory=False).params == FLOWPP_CIFAR10 + 48_288
+
+
+def test_the_flowpp_preset_splits_and_squeezes_as_the_released_code() -> None:
+    """Not visible in the count: the halves (even and odd columns, CheckerboardSplit) and the
+    squeeze's channel order (tf.space_to_depth) decide what each coupling conditions on."""
+    plugins = default_plugins()
+    resolved = load_recipe(RECIPES / "flowpp.toml", plugins.registries, preset="paper")
+    model = Builder(plugins.registries)(resolved.model, in_shape=(3, 32, 32))
+    squeezes = [m.decomposition for m in model.modules() if isinstance(m, DecompositionLayer)]
+    masks = [m.mask_kind for m in model.modules() if type(m).__name__ == "MixLogisticCoupling"]
+    assert [s.order for s in squeezes] == ["space_to_depth"]
+    assert masks == ["columns"] * 4 + ["channel"] * 2 + ["columns"] * 3

@@ -91,3 +91,13 @@ def test_fast_optimisers_take_the_default_implementations_step(name: str) -> Non
         default.step()
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_parameter_that_is_a_strided_view_gets_the_foreach_kernel() -> None:
+    """The fused kernel reads each parameter as flat memory; a strided view would pair elements wrongly."""
+    base = torch.randn(4, 6)
+    strided = torch.nn.Parameter(base[:, ::2])
+    assert not strided.is_contiguous()
+    optimizer = make_optimizer("adam", [{"params": [strided, torch.nn.Parameter(torch.randn(3))]}], 1e-2, 0.0)
+    assert optimizer.defaults.get("foreach") and not optimizer.defaults.get("fused")
+    assert make_optimizer("adam", [{"params": [torch.nn.Parameter(torch.randn(3))]}], 1e-2, 0.0).defaults["fused"]

@@ -178,6 +178,7 @@ def test_a_level_trained_again_marks_the_whole_models_figures_as_those_of_old_we
     # The job that finished last assembled the new weights: a finished summary and report again.
     after = json.loads((copy / "summary.json").read_text())
     assert after["status"] == "finished" and summary["level"] == -1 and (copy / "report.md").is_file()
+    assert not (copy / "report.previous.md").exists()
     # Seeded and deterministic: the level trained again has the same weights, so the same figure.
     assert after["test_bpd"] == pytest.approx(before["test_bpd"])
 

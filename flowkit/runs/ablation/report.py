@@ -73,6 +73,8 @@ def read_run(path: Path, variant: str = "", seed: int | None = None, recipe: dic
         error = summary.get("error", "failed")
     elif summary is None:
         error = "did not finish"
+    elif summary.get("status") != "finished":  # e.g. "retraining": a level job trains a level again
+        error = f'its summary.json says status "{summary.get("status")}"'
     return RunResult(variant or path.name, seed if seed is not None else recipe.get("train", {}).get("seed", 0),
                      path, summary, recipe, curve, error)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,3 +60,26 @@ def test_output_shape_and_errors():
         squeeze.unsqueeze(torch.zeros(1, 6, 2, 2))
     with pytest.raises(ShapeError, match=r"\(1, 3, 2, 2\).*\(1, 3, 2, 2\)"):
         squeeze.merge(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2))
+
+
+def tf_space_to_depth(x: np.ndarray, block: int = 2) -> np.ndarray:
+    """TensorFlow's space_to_depth on NHWC, transcribed from its documentation: output depth index
+    (i * block + j) * C + c holds input pixel (block h + i, block w + j) of channel c."""
+    b, h, w, c = x.shape
+    y = x.reshape(b, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, h // block, w // block, block * block * c)
+
+
+def test_space_to_depth_order_is_flowpps_tf_space_to_depth() -> None:
+    """aravindsrinivas/flowpp flows/flows.py SpaceToDepth: tf.space_to_depth(x, 2) on NHWC."""
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    squeeze = SqueezeDecomposition(order="space_to_depth")
+    s = squeeze.squeeze(x)
+    expected = tf_space_to_depth(x.permute(0, 2, 3, 1).numpy()).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(s.numpy(), expected)
+    torch.testing.assert_close(squeeze.unsqueeze(s), x, atol=0, rtol=0)
+    # The same pixels as Glow's order, in another channel order; the decomposition view is the same.
+    glow = SqueezeDecomposition().squeeze(x)
+    assert not torch.equal(s, glow) and torch.equal(s.sort(dim=1).values, glow.sort(dim=1).values)
+    for a, b in zip(squeeze.split(x), SqueezeDecomposition().split(x), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

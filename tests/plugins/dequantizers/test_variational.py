@@ -198,3 +198,8 @@ def test_context_init_data_standardises_the_encoder_once(plugins):
     weights = deq.encoder.conv_in.weight.clone()
     deq.initialize(images(n=256) // 2, 3)  # another batch: the encoder is not initialised again
     torch.testing.assert_close(deq.encoder.conv_in.weight, weights, atol=0, rtol=0)
+
+
+def test_a_columns_context_with_a_coupling_that_cannot_take_it_names_the_key(plugins):
+    with pytest.raises(flowkit.ShapeError, match='context_layout = "columns".*mask'):
+        make(plugins, coupling={"mask": "channel"}, context_layout="columns")
