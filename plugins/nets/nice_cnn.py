@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from flowkit import ShapeError, hookimpl, param
 from flowkit.contracts.context import VectorContext, context_form
+from flowkit_plugins.nets._weight_norm import WeightNormConv2d
 
 Shape = tuple[int, ...]
-INIT_STD = 0.05  # Conv2dWeightNorm.reset_parameters: nn.init.normal_(weight, 0.0, 0.05)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,38 +39,6 @@ class NiceCNNParams:
             raise ValueError(f"hidden = {self.hidden} must be >= 1.")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel = {self.kernel} must be odd and >= 1 ('same' padding).")
-
-
-class WeightNormConv2d(nn.Module):
-    """``conv(x; g · v / ‖v‖, b)`` with 'same' padding: ``Conv2dWeightNorm`` of the reference."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int) -> None:
-        super().__init__()
-        self.padding = kernel // 2
-        self.weight_v = nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel) * INIT_STD)
-        self.weight_g = nn.Parameter(self._norm(self.weight_v.detach()))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-
-    @staticmethod
-    def _norm(v: Tensor) -> Tensor:
-        return v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-
-    def weight(self) -> Tensor:
-        return self.weight_v * (self.weight_g / self._norm(self.weight_v))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight().to(x.dtype), self.bias.to(x.dtype), padding=self.padding)
-
-    @torch.no_grad()
-    def initialize(self, x: Tensor, init_scale: float) -> Tensor:
-        """Standardises this layer's output on ``x`` to ``init_scale`` per channel; returns the new output."""
-        out = self(x)
-        per_channel = out.transpose(0, 1).reshape(out.shape[1], -1)
-        mean, std = per_channel.mean(dim=1), per_channel.std(dim=1)
-        inv_std = init_scale / (std + 1e-6)
-        self.weight_g.mul_(inv_std.view(-1, 1, 1, 1))
-        self.bias.sub_(mean).mul_(inv_std)
-        return self(x)
 
 
 class NiceCNN(nn.Module):
@@ -96,9 +64,9 @@ class NiceCNN(nn.Module):
         self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
         form = context_form(self.context_shape, self.in_shape, "NiceCNN")
         context_channels = self.context_shape[0] if form == "spatial" else 0
-        self.conv1 = WeightNormConv2d(self.in_shape[0] + context_channels, hidden, kernel)
+        self.conv1 = WeightNormConv2d(self.in_shape[0] + context_channels, hidden, kernel, padding=kernel // 2)
         self.conv2 = WeightNormConv2d(hidden, hidden, 1)
-        self.conv3 = WeightNormConv2d(hidden, out_channels, kernel)
+        self.conv3 = WeightNormConv2d(hidden, out_channels, kernel, padding=kernel // 2)
         self.vector = VectorContext(self.context_shape[0], hidden) if form == "vector" else None
         # Saved with the weights: a restored net is not initialised again.
         self.register_buffer("initialized", torch.tensor(False))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from flowkit import ShapeError, Transform
 from flowkit.contracts.context import VectorContext, context_form
 from flowkit.contracts.transform import logdet_dtype
+from flowkit_plugins.nets._weight_norm import WeightNormConv2d
 
 Direction = Literal["up", "down", "left", "right"]
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
@@ -82,7 +83,7 @@ class MaskedConvFlow(Transform):
 
     def __init__(
         self, in_shape: Shape, *, direction: str, kernel: tuple[int, int] = (2, 3), hidden: int = 0,
-        context_shape: Shape | None = None,
+        context_shape: Shape | None = None, weight_norm: bool = False,
     ) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
@@ -96,12 +97,18 @@ class MaskedConvFlow(Transform):
         self.direction = direction
         self.kernel = (int(rows), int(width))
         self.context_shape = None if context_shape is None else tuple(context_shape)
-        self.conv = nn.Conv2d(channels, hidden, self.kernel)
-        self.out = nn.Conv2d(hidden, 2 * channels, 1)
-        # Zero-initialised last layer: mu = 0 and scale = sigmoid(2) at the start (as the
-        # reference's data-dependent init with init_scale 0 does).
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.weight_norm = weight_norm
+        if weight_norm:  # the reference's MCFBlock; `initialize` sets the output layer to zero
+            self.conv: nn.Module = WeightNormConv2d(channels, hidden, self.kernel)
+            self.out: nn.Module = WeightNormConv2d(hidden, 2 * channels, 1)
+            self.register_buffer("initialized", torch.tensor(False))  # saved: a restored flow keeps its weights
+        else:
+            self.conv = nn.Conv2d(channels, hidden, self.kernel)
+            self.out = nn.Conv2d(hidden, 2 * channels, 1)
+            # Zero-initialised last layer: mu = 0 and scale = sigmoid(2) at the start (as the
+            # reference's data-dependent init with init_scale 0 does).
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
         self.context_conv: nn.Module | None = None
         form = context_form(self.context_shape, self.in_shape, "MaskedConvFlow")
         if form == "spatial":
@@ -125,12 +132,28 @@ class MaskedConvFlow(Transform):
         mu, raw = self.out(F.elu(hidden)).chunk(2, dim=1)
         return mu, F.logsigmoid(raw + 2.0)
 
-    def _canonical_params(self, xc: Tensor, ctx: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _shifted(self, xc: Tensor) -> Tensor:
         rows, width = self.kernel
         side = width // 2
         # k zero rows on top, the last row dropped: output row i sees input rows i-k .. i-1.
-        padded = F.pad(xc, (side, side, rows, 0))[:, :, :-1]
-        hidden = self.conv(padded)
+        return F.pad(xc, (side, side, rows, 0))[:, :, :-1]
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, context: Tensor | None = None) -> None:
+        """With ``weight_norm``, the reference's data-dependent ``init`` on the batch ``x`` (once):
+        the masked convolution's output standardised per channel, the output layer to zero."""
+        if not self.weight_norm or bool(self.initialized):
+            return
+        self._check(x, context)
+        hidden = self.conv.initialize(self._shifted(_to_canonical(x, self.direction)), 1.0)
+        ctx = self._context_hidden(context)
+        if ctx is not None:
+            hidden = hidden + ctx
+        self.out.initialize(F.elu(hidden), 0.0)
+        self.initialized.fill_(True)
+
+    def _canonical_params(self, xc: Tensor, ctx: Tensor | None) -> tuple[Tensor, Tensor]:
+        hidden = self.conv(self._shifted(xc))
         if ctx is not None:
             hidden = hidden + ctx
         return self._mu_log_scale(hidden)

@@ -21,6 +21,10 @@ class MaCowParams:
     directions: tuple[str, ...] = param(
         DIRECTIONS, "order of the masked-conv flows in a unit; an actnorm precedes every two of them"
     )
+    weight_norm: bool = param(
+        False, "the masked convolutions weight-normalised and initialised from data, the 1x1 output layer to zero "
+        "(the reference's ShiftedConv2d and Conv2dWeightNorm, macow/flows/conv.py MCFBlock); false: plain "
+        "convolutions, the output layer zero")
     glow: PartRef = part_field("step", "glow", "the Glow step (actnorm, 1x1 conv, coupling) that ends the MaCow step")
 
     def __post_init__(self) -> None:
@@ -87,7 +91,7 @@ class MaCowStep(Sequential):
                     parts.append(build(PartRef("transform", "actnorm"), **shapes))
                 parts.append(
                     MaskedConvFlow(in_shape, direction=direction, kernel=kernel, hidden=params.hidden,
-                                   context_shape=context_shape)
+                                   context_shape=context_shape, weight_norm=params.weight_norm)
                 )
         parts.append(build(params.glow, **shapes))
         step = cls(parts, context_shape=context_shape)

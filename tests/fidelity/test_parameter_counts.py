@@ -80,3 +80,12 @@ def test_the_flowpp_preset_splits_and_squeezes_as_the_released_code() -> None:
     masks = [m.mask_kind for m in model.modules() if type(m).__name__ == "MixLogisticCoupling"]
     assert [s.order for s in squeezes] == ["space_to_depth"]
     assert masks == ["columns"] * 4 + ["channel"] * 2 + ["columns"] * 3
+
+
+def test_the_macow_flow_is_exactly_the_reference() -> None:
+    """The flow layer for layer (weight-normalised masked convolutions and NICE nets, NICE's
+    C - C // 2 conditioning channels, N(0, I) at the top); the dequantizer is flowkit's own."""
+    plugins = default_plugins()
+    resolved = load_recipe(RECIPES / "macow.toml", plugins.registries, preset="paper")
+    model = Builder(plugins.registries)(resolved.model, in_shape=(3, 32, 32))
+    assert sum(p.numel() for p in model.parameters()) == 37_197_547

@@ -7,7 +7,7 @@ import torch
 
 import flowkit
 from flowkit.testing import check_gradients, check_transform, randomize_
-from flowkit_plugins.steps._masked_conv import DIRECTIONS, MaskedConvFlow
+from flowkit_plugins.steps._masked_conv import DIRECTIONS, MaskedConvFlow, _to_canonical
 from flowkit_plugins.steps.macow import MaCowStep
 
 SMALL_GLOW = {"use": "glow", "coupling": {"use": "affine", "net": {"use": "glow_cnn", "hidden": 8}}}
@@ -125,3 +125,28 @@ def test_macow_step_gives_every_parameter_a_gradient():
 def test_macow_params_refuse_invalid_values(bad):
     with pytest.raises(flowkit.RecipeError):
         flowkit.build("step", "macow", in_shape=(4, 4, 4), **bad)
+
+
+# -- the reference's weight-normalised masked convolutions (macow/flows/conv.py MCFBlock) -----------
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_weight_normalised_masked_conv_flow_initialises_as_the_reference_and_stays_exact(direction):
+    """ShiftedConv2d/Conv2dWeightNorm.init on the first batch: the masked convolution's output
+    standardised per channel (unbiased std), the 1x1 output layer at init_scale 0, so the flow
+    starts as x * sigmoid(2); once initialised (and trained) it is still exactly invertible with
+    the brute-force log-det."""
+    torch.manual_seed(0)
+    flow = MaskedConvFlow((3, 6, 6), direction=direction, kernel=(2, 3), weight_norm=True).double()
+    x = torch.randn(32, 3, 6, 6, dtype=torch.float64) * 2 + 1
+    flow.initialize(x)
+    hidden = flow.conv(flow._shifted(_to_canonical(x, direction))).transpose(0, 1).reshape(12, -1)
+    torch.testing.assert_close(hidden.mean(1), torch.zeros(12, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(hidden.std(1), torch.ones(12, dtype=torch.float64), atol=1e-5, rtol=0)
+    z, logabsdet = flow(x)
+    sigmoid_2 = torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
+    torch.testing.assert_close(z, x * sigmoid_2)
+    torch.testing.assert_close(logabsdet, torch.full((32,), 108 * sigmoid_2.log().item(), dtype=torch.float64))
+    assert bool(flow.initialized) and "initialized" in flow.state_dict()
+    g = flow.conv.weight_g.detach().clone()
+    flow.initialize(x * 3)  # once: a restored flow keeps its weights
+    torch.testing.assert_close(flow.conv.weight_g, g, atol=0, rtol=0)
+    check_transform(randomize_(flow, 0.3), torch.randn(2, 3, 4, 5, dtype=torch.float64))
