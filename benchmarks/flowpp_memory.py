@@ -30,10 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _child import add_child_options, answer_as_child, measure_in_child
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "flowpp.toml"
 VARIANTS = ("ours", "ours-bf16", "naive")
@@ -182,17 +182,8 @@ def projection(saved: dict[str, float], batches: list[int]) -> str:
 
 
 def measure(device: str, variant: str, batch: int, steps: int, preset: str, timeout: float, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps([device, variant, batch, steps, preset]),
-           "--threads", str(threads)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"device": device, "variant": variant, "batch": batch, "status": f"timeout ({timeout:.0f} s)"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"device": device, "variant": variant, "batch": batch, "status": f"failed: {tail[0][:120]}"}
-    return json.loads(lines[-1])
+    found = measure_in_child(__file__, [device, variant, batch, steps, preset], threads, timeout, tail=120)
+    return {"device": device, "variant": variant, "batch": batch, **found}
 
 
 def table(rows: list[dict]) -> str:
@@ -214,18 +205,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 1 on CPU, 5 on CUDA)")
     parser.add_argument("--preset", default="paper", help="preset of recipes/flowpp.toml ('' for the default)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--projection", action="store_true",
                         help="also project GPU memory from saved-for-backward bytes (default on CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_child_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.child:
-        print(json.dumps(run_one(*json.loads(args.child))))
+    if answer_as_child(args, run_one):
         return
     cuda = args.device.startswith("cuda")
     batches = [int(b) for b in (args.batch_sizes or ("64,256" if cuda else "2")).split(",")]

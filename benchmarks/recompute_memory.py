@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
+
+from _child import add_child_options, answer_as_child, measure_in_child
 
 MIB = 2**20
 MODES = ("store", "recompute")
@@ -57,18 +57,15 @@ def build(device: str, depth: int, size: int, hidden: int, batch: int):  # noqa:
     return model, y
 
 
-def train_step(model, y, hooks=None) -> float:  # noqa: ANN001
-    """Seconds of one forward + backward of ``-log p(y)``, with saved-tensor hooks if given."""
-    import contextlib
-
+def train_step(model, y) -> float:  # noqa: ANN001
+    """Seconds of one forward + backward of ``-log p(y)``."""
     import torch
 
     model.zero_grad(set_to_none=False)  # gradient buffers stay allocated from the first step on
     sync = torch.cuda.synchronize if y.is_cuda else (lambda: None)
     sync()
     tick = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext():
-        loss = -model.log_prob(y).mean()
+    loss = -model.log_prob(y).mean()
     loss.backward()
     sync()
     return time.perf_counter() - tick
@@ -80,18 +77,11 @@ def memory(device: str, mode: str, depth: int, size: int, hidden: int, batch: in
 
     import torch
 
+    from flowkit.bench.timing import saved_for_backward
     from flowkit.contracts.transform import use_recompute
 
     model, y = build(device, depth, size, hidden, batch)
     use_recompute(model, enabled=mode == "recompute")
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
 
     # One image first: libraries and kernels load lazily on their first call, which the
     # measured step should not count (nor the gradient buffers it allocates, alike in both
@@ -104,13 +94,14 @@ def memory(device: str, mode: str, depth: int, size: int, hidden: int, batch: in
     else:
         with open("/proc/self/statm") as statm:
             before = int(statm.read().split()[1]) * resource.getpagesize()
-    train_step(model, y, (pack, lambda t: t))
+    model.zero_grad(set_to_none=False)  # as train_step: the gradient buffers stay allocated
+    saved = saved_for_backward(lambda: -model.log_prob(y).mean(), [model])  # forward + backward
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     return {"mode": mode, "depth": depth, "size": size, "params": sum(p.numel() for p in model.parameters()),
-            "saved_bytes": sum(saved.values()), "peak_bytes": int(peak), "threads": torch.get_num_threads()}
+            "saved_bytes": saved, "peak_bytes": int(peak), "threads": torch.get_num_threads()}
 
 
 def timing(device: str, depth: int, size: int, hidden: int, batch: int, rounds: int) -> dict:
@@ -133,16 +124,7 @@ def run_one(kind: str, *args: object) -> dict:
 
 
 def measure(config: list, threads: int, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps(config), "--threads", str(threads)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout ({timeout:.0f} s)"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"status": f"failed: {tail[0][:160]}"}
-    return {"status": "ok", **json.loads(lines[-1])}
+    return measure_in_child(__file__, config, threads, timeout)
 
 
 def table(rows: list[dict]) -> str:
@@ -176,17 +158,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128, help="coupling-net width")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (0: no timing)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_child_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.child:
-        print(json.dumps(run_one(*json.loads(args.child))))
+    if answer_as_child(args, run_one):
         return
     configs = [("depth", int(k), args.size) for k in args.depths.split(",") if k]
     configs += [("resolution", args.depth, int(s)) for s in args.sizes.split(",") if s]
