@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from torch import Tensor, nn
 
 import flowkit
+from flowkit.bench.timing import saved_for_backward
 from flowkit.contracts.transform import Sequential, use_recompute
 from flowkit.testing import randomize_
 
@@ -188,21 +189,9 @@ def test_no_grad_and_inverse_are_unchanged() -> None:
 def saved_for_backward_bytes(model: nn.Module, y: Tensor, loss_of: Any = None) -> int:
     """Bytes of the distinct storages autograd saves for backward in ``-log_prob(y).mean()``
     (or ``loss_of(model, y)``), the parameters' own storages left out (they are held whatever
-    autograd does)."""
+    autograd does): `flowkit.bench.timing.saved_for_backward`, which ``flowkit bench`` reports."""
     loss_of = loss_of or (lambda m, v: -m.log_prob(v).mean())
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(model, y)
-    loss.backward()
-    return sum(saved.values())
+    return saved_for_backward(lambda: loss_of(model, y), [model])
 
 
 @pytest.mark.parametrize("split_flow", [False, True])
