@@ -8,7 +8,8 @@ from typing import Any
 from torch import Tensor
 
 from flowkit import PartRef, hookimpl, param, part_field
-from flowkit_plugins.couplings._masks import FACTOR_DOC, MaskedCoupling, MaskKind, Shape, check_factor, check_parity
+from flowkit.nn.coupling import MaskedCoupling
+from flowkit.nn.masks import FACTOR_DOC, MaskKind, Shape, check_factor, check_parity
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,7 +28,7 @@ class AdditiveCoupling(MaskedCoupling):
     r"""Additive coupling: ``z_t = x_t + shift(x_c, context)``, ``z_c = x_c``.
 
     ``x_c`` and ``x_t`` are the conditioning and transformed parts chosen by the mask (see
-    ``flowkit_plugins.couplings._masks``). The map is volume-preserving:
+    `flowkit.nn.masks`). The map is volume-preserving:
 
     .. math:: \log|\det \partial z / \partial x| = 0
 

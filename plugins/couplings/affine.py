@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowkit import PartRef, hookimpl, param, part_field
-from flowkit_plugins.couplings._masks import FACTOR_DOC, MaskedCoupling, MaskKind, Shape, check_factor, check_parity
+from flowkit.nn.coupling import MaskedCoupling
+from flowkit.nn.masks import FACTOR_DOC, MaskKind, Shape, check_factor, check_parity
 
 ScaleFn = Literal["sigmoid", "exp_tanh"]
 Order = Literal["shift_first", "scale_first"]

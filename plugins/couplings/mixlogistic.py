@@ -11,7 +11,8 @@ from torch import Tensor
 
 from flowkit import FlowkitError, PartRef, ShapeError, Transform, hookimpl, param, part_field
 from flowkit.contracts.transform import logdet_dtype
-from flowkit_plugins.couplings._masks import SPATIAL_MASKS, CompactHalves
+from flowkit.nn.coupling import CompactHalves
+from flowkit.nn.masks import SPATIAL_MASKS
 
 Shape = tuple[int, ...]
 MaskKind = Literal["channel", "checkerboard", "columns"]

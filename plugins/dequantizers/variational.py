@@ -24,7 +24,7 @@ from flowkit import (
 )
 from flowkit.contracts.transform import logdet_dtype
 from flowkit.params import MAX_COPIES
-from flowkit_plugins.nets._ddi import data_dependent_init, mark
+from flowkit.nn.data_init import data_dependent_init, mark
 
 Shape = tuple[int, int, int]
 LOG_2PI = math.log(2 * math.pi)

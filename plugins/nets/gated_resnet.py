@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from flowkit import ShapeError, hookimpl, param
 from flowkit.contracts.context import VectorContext, context_form
-from flowkit_plugins.nets._ddi import data_dependent_init, mark
+from flowkit.nn.data_init import data_dependent_init, mark
 
 Shape = tuple[int, ...]
 

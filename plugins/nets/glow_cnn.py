@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from flowkit import PartRef, ShapeError, hookimpl, param
 from flowkit.contracts.context import VectorContext, context_form
-from flowkit_plugins.nets._edge import conv, scaled_conv
+from flowkit.nn.edge_padding import conv, scaled_conv
 
 Shape = tuple[int, ...]
 

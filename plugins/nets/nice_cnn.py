@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from flowkit import ShapeError, hookimpl, param
 from flowkit.contracts.context import VectorContext, context_form
-from flowkit_plugins.nets._weight_norm import WeightNormConv2d
+from flowkit.nn.weight_norm import WeightNormConv2d
 
 Shape = tuple[int, ...]
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from flowkit import Prior, ShapeError, hookimpl, param
-from flowkit_plugins.nets._edge import conv
+from flowkit.nn.edge_padding import conv
 
 if TYPE_CHECKING:
     from flowkit.registry import RegisterFn

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from flowkit import ShapeError, Transform
 from flowkit.contracts.context import VectorContext, context_form
 from flowkit.contracts.transform import logdet_dtype
-from flowkit_plugins.nets._weight_norm import WeightNormConv2d
+from flowkit.nn.weight_norm import WeightNormConv2d
 
 Direction = Literal["up", "down", "left", "right"]
 DIRECTIONS: tuple[str, ...] = get_args(Direction)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from flowkit import PartRef, Sequential, ShapeError, Transform, hookimpl, param, part_field
 from flowkit.contracts.transform import logdet_dtype, zeros_logabsdet
-from flowkit_plugins.couplings._masks import SPATIAL_MASKS, spatial_mask
+from flowkit.nn.masks import SPATIAL_MASKS, spatial_mask
 
 Shape = tuple[int, ...]
 

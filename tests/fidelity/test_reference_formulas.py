@@ -18,7 +18,7 @@ import flowkit
 from flowkit.api import default_plugins
 from flowkit.build import Builder
 from flowkit.recipes.load import load_recipe
-from flowkit_plugins.nets._edge import EdgePaddedConv2d
+from flowkit.nn.edge_padding import EdgePaddedConv2d
 from flowkit_plugins.steps._masked_conv import default_hidden
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

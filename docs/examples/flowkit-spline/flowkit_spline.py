@@ -26,6 +26,7 @@ from nflows.transforms.splines.rational_quadratic import DEFAULT_MIN_DERIVATIVE
 from torch import Tensor, nn
 
 from flowkit import PartRef, ShapeError, Transform, hookimpl, param, part_field
+from flowkit.nn.masks import check_parity, checkerboard
 
 Shape = tuple[int, ...]
 
@@ -47,18 +48,11 @@ class SplineParams:
     net: PartRef = part_field("net", "glow_cnn", "conditioner: 3 * bins - 1 spline values per entry")
 
     def __post_init__(self) -> None:
-        if self.parity not in (0, 1):
-            raise ValueError(f"parity = {self.parity} must be 0 or 1.")
+        check_parity(self.parity)
         if not 2 <= self.bins <= 100:
             raise ValueError(f"bins = {self.bins} must be between 2 and 100.")
         if not self.bound > 0:
             raise ValueError(f"bound = {self.bound} must be > 0.")
-
-
-def checkerboard(height: int, width: int, parity: int) -> Tensor:
-    """A ``(H, W)`` bool mask, true where ``(i + j) % 2 == parity``: the conditioning pixels."""
-    rows, cols = torch.arange(height).view(-1, 1), torch.arange(width).view(1, -1)
-    return (rows + cols) % 2 == parity
 
 
 class SplineConditioner(nn.Module):
@@ -147,7 +141,7 @@ class SplineCoupling(Transform):
             first = channels // 2
             transformed = torch.arange(channels) >= first if parity == 0 else torch.arange(channels) < first
         else:
-            transformed = ~checkerboard(height, width, parity).expand(in_shape).reshape(-1)
+            transformed = ~checkerboard(height, width, parity)[0].expand(in_shape).reshape(-1)
         self.spline = PiecewiseRationalQuadraticCouplingTransform(
             mask=transformed.int(), transform_net_create_fn=lambda n_cond, n_out: conditioner,
             num_bins=bins, tails="linear", tail_bound=bound,
@@ -168,7 +162,7 @@ class SplineCoupling(Transform):
             cond = channels // 2 if params.parity == 0 else channels - channels // 2
             net_in, out_channels = (cond, height, width), (channels - cond) * values
         else:
-            board = checkerboard(height, width, params.parity)
+            board = checkerboard(height, width, params.parity)[0]
             net_in, out_channels = (channels, height, width), channels * values
         # The net is another registered part: `build` makes it, so this plugin imports none.
         net = build(params.net, in_shape=net_in, context_shape=context_shape, out_channels=out_channels)

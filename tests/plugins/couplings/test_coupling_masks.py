@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flowkit_plugins.couplings._masks import checkerboard
+from flowkit.nn.masks import checkerboard
 
 
 def test_checkerboard_parities_are_complementary_and_alternate():
