@@ -91,7 +91,7 @@ COMPILE = "train.compile=default"  # the compiled rows: torch.compile of the mod
 
 def plan(tiny: bool, device: str, with_compile: bool) -> tuple[list[Row], list[str]]:
     """The rows to run, most important first, and notes on what is left out."""
-    from flowkit.recipes.load import load_recipe
+    from flowkit import load_recipe
 
     notes = []
     batches = (2, 4) if tiny else (64, 256)

@@ -6,7 +6,7 @@ and `load_run`.
 
 from __future__ import annotations
 
-from flowkit.api import build, load_run, ref, train
+from flowkit.api import build, load_recipe, load_run, ref, train
 from flowkit.contracts import (
     DataParams, Decomposition, DecompositionLayer, DensityModel, Dequantizer, ImageDataset, IndependentTerms, Prior,
     Sequential, SuperResolution, Transform,
@@ -24,14 +24,6 @@ __all__ = [
     "Copies", "DataError", "DataParams", "Decomposition", "DecompositionLayer", "DensityModel", "Dequantizer",
     "Derive", "FlowkitError", "ImageDataset", "IndependentTerms", "InverseNotAvailable", "NoParams", "PartRef",
     "PluginError", "Prior", "RecipeError", "Sequential", "ShapeError", "SuperResolution", "TrainingError",
-    "Transform", "UnknownPartError", "build", "hookimpl", "load_run", "param", "part_field", "ref", "train",
+    "Transform", "UnknownPartError", "build", "hookimpl", "load_recipe", "load_run", "param", "part_field", "ref",
+    "train",
 ]
-
-
-def __getattr__(name: str) -> object:
-    # load_recipe pulls in the recipe loader lazily, so `import flowkit` stays light for plugins.
-    if name == "load_recipe":
-        from flowkit.recipes.load import load_recipe
-
-        return load_recipe
-    raise AttributeError(f"module 'flowkit' has no attribute {name!r}")

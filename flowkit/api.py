@@ -1,4 +1,8 @@
-"""The Python API: build one registered part by name, train a recipe, load a trained run.
+"""The Python API: build one registered part by name, load or train a recipe, load a trained run.
+
+It is the top of the library's layers (docs/architecture.md): the convenience of defaulting to
+the entry-point plugins lives here, so the layers below always take their plugins or registries
+as arguments.
 
 `load_run` and `train` import the run engine when called, so ``import flowkit`` stays light
 for plugins. docs/python-api.md walks through them.
@@ -15,8 +19,11 @@ from flowkit.errors import RecipeError
 from flowkit.kinds import KINDS
 from flowkit.params import PartRef
 from flowkit.plugins import Plugins, make_plugins
+from flowkit.recipes.load import Recipe
+from flowkit.recipes.load import load_recipe as _load_recipe
 from flowkit.recipes.schema import validate_part
 from flowkit.recipes.toml_write import dumps
+from flowkit.registry import Registries
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +56,15 @@ def build(kind: str, name: str, *, plugins: Plugins | None = None, **kwargs: Any
         shape.setdefault("context_shape", None)
     ref = validate_part(plugins.registries, kind, {"use": name, **kwargs}, path=f"{kind}:{name}")
     return Builder(plugins.registries)(ref, **shape)
+
+
+def load_recipe(path: str | Path, registries: Registries | None = None, *, preset: str | None = None,
+                overrides: Sequence[str] = ()) -> Recipe:
+    """A recipe file read, merged (``extends``, ``preset``, ``--set``-style ``overrides``) and
+    validated against ``registries`` (default: the installed plugins'); `RecipeError` lists every
+    problem."""
+    registries = registries if registries is not None else default_plugins().registries
+    return _load_recipe(path, registries, preset=preset, overrides=tuple(overrides))
 
 
 def ref(kind: str, name: str, *, plugins: Plugins | None = None, **params: Any) -> PartRef:

@@ -20,6 +20,7 @@ import os
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -54,6 +55,8 @@ class Plugins:
 
     pm: pluggy.PluginManager
     packages: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: flowkit's own plugins that are not parts (the CLI's commands), registered before the entry points.
+    builtin: tuple[object, ...] = ()
     broken: list[BrokenPlugin] = field(default_factory=list)
     _registries: Registries | None = field(default=None, repr=False)
 
@@ -162,10 +165,14 @@ def _load_entry_points(
 
 def make_plugins(
     *, entry_points: bool = True, extra: Iterable[object | str] = (), environment: bool = True,
-    distribution: str | None = None,
+    distribution: str | None = None, builtin: Iterable[ModuleType] = (),
 ) -> Plugins:
     """A fresh plugin manager with the hookspecs, the entry points and ``extra`` plugins.
 
+    ``builtin``: modules of flowkit itself that implement hooks without registering parts (the
+    CLI's own commands, `flowkit.cli.commands`), registered first, under their module name and
+    package flowkit, and never blocked: the environment's allow- and deny-lists choose among
+    plugins, not whether ``flowkit run`` exists.
     ``extra`` holds modules, objects or importable module names (the CLI's ``-p``).
     ``environment=False`` ignores ``FLOWKIT_LOAD_PLUGINS`` and ``FLOWKIT_DISABLE_PLUGINS``;
     ``distribution`` loads only that package's entry points (``flowkit docs`` describes every
@@ -173,7 +180,10 @@ def make_plugins(
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    plugins = Plugins(pm)
+    plugins = Plugins(pm, builtin=tuple(builtin))
+    for module in plugins.builtin:
+        pm.register(module, name=module.__name__)
+        plugins.packages[module.__name__] = (hookspecs.PROJECT, importlib.metadata.version(hookspecs.PROJECT))
     blocked = (_names("FLOWKIT_DISABLE_PLUGINS") or set()) if environment else set()
     for name in blocked:
         pm.set_blocked(name)

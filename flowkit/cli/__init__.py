@@ -1,4 +1,6 @@
-"""The ``flowkit`` command line: a click group, one module per command.
+"""The ``flowkit`` command line: a click group whose commands, the core's and the plugins', all
+arrive through the ``flowkit_add_commands`` hook (`flowkit.cli.commands`: one module per command;
+`flowkit.cli.public`: what a command may use).
 
 Library code raises `FlowkitError`; only this package turns it into a message and an exit
 code (2 for bad input, 1 for run-time failures), with a traceback only when asked
@@ -15,6 +17,7 @@ import click
 from rich.markup import escape
 
 from flowkit.cli.console import err_console, traceback_requested
+from flowkit.cli.public import set_startup_plugins, startup_plugins, warn_broken
 from flowkit.errors import FlowkitError
 
 
@@ -47,37 +50,17 @@ def cli(ctx: click.Context, traceback: bool, plugin_modules: tuple[str, ...]) ->
     ctx.obj = {"plugin_modules": plugin_modules}
 
 
-def get_plugins(ctx: click.Context):  # noqa: ANN201 - returns flowkit.plugins.Plugins
-    """The one plugin manager of this invocation (entry points plus ``-p`` modules)."""
-    from flowkit.plugins import make_plugins
-
-    root = ctx.find_root()
-    root.obj = root.obj or {}
-    if "plugins" not in root.obj:
-        extra = root.obj.get("plugin_modules", ())
-        if _startup_plugins and not extra:
-            root.obj["plugins"] = _startup_plugins
-        else:
-            root.obj["plugins"] = make_plugins(extra=extra)
-            warn_broken(root.obj["plugins"], already=_startup_plugins.broken if _startup_plugins else [])
-    return root.obj["plugins"]
-
-
-_startup_plugins = None
-
-
 def _add_commands() -> None:
-    """The core's commands, then the plugins' (``flowkit_add_commands``: ``superres`` comes from
-    the wavelet_flow plugin). Plugins are loaded for this, so a broken plugin is reported here."""
-    from flowkit.cli import ablate, bench_cmd, docs_cmd, inspect_cmd, parts, plugins_cmd, report_cmd, run, sample
+    """Loads the plugins and adds every command through ``flowkit_add_commands``: the core's
+    (`flowkit.cli.commands`, registered first), then the plugins' (``superres`` comes from the
+    wavelet_flow plugin). The register hooks run here too, so a broken plugin is reported once."""
+    from flowkit.cli import commands
     from flowkit.plugins import make_plugins
 
-    for module in (run, sample, report_cmd, ablate, inspect_cmd, bench_cmd, parts, plugins_cmd, docs_cmd):
-        module.register(cli)
-    global _startup_plugins
-    _startup_plugins = make_plugins()
-    _startup_plugins.registries  # noqa: B018 - runs the register hooks: a plugin that raises is broken
-    _startup_plugins.add_commands(cli)
+    plugins = make_plugins(builtin=(commands,))
+    plugins.registries  # noqa: B018 - runs the register hooks: a plugin that raises is broken
+    plugins.add_commands(cli)
+    set_startup_plugins(plugins)
 
 
 def main() -> None:
@@ -86,16 +69,5 @@ def main() -> None:
     except FlowkitError as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
-    warn_broken(_startup_plugins)
+    warn_broken(startup_plugins())
     cli(prog_name="flowkit")
-
-
-def warn_broken(plugins, already: list | None = None) -> None:  # noqa: ANN001 - flowkit.plugins.Plugins
-    """One line on stderr per broken plugin (not in ``already``): the command goes on without it."""
-    for broken in plugins.broken:
-        if broken in (already or []):
-            continue
-        if traceback_requested():
-            err_console.print(broken.detail, markup=False, highlight=False)
-        err_console.print(f"[bold yellow]Warning:[/] {escape(broken.label)} {escape(broken.reason)} and is not "
-                          "loaded; `flowkit plugins` lists it.", soft_wrap=True)

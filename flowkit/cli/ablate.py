@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from flowkit.cli.console import console
+from flowkit.cli.public import get_plugins
 
 
 def register(cli: click.Group) -> None:
@@ -25,7 +26,6 @@ def register(cli: click.Group) -> None:
                executor: str, cluster: str | None, retry_failed: bool) -> None:
         """Run the variants of ABLATION at one budget over seeds, then write report.md, report.json,
         report.csv and plots. Rerunning resumes: finished runs are kept, interrupted ones resume."""
-        from flowkit.cli import get_plugins
         from flowkit.runs.ablation import run_ablation
 
         report = run_ablation(ablation, get_plugins(ctx).registries, preset=preset, out=out, jobs=jobs,

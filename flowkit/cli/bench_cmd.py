@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from flowkit.cli.console import console
+from flowkit.cli.public import get_plugins
 from flowkit.cli.inspect_cmd import _shape
 
 
@@ -37,8 +38,6 @@ def register(cli: click.Group) -> None:
         copied in (their log-likelihoods are checked equal) is timed in the same process."""
         from flowkit.bench.side_by_side import run_bench
         from flowkit.bench.table import bench_table
-        from flowkit.cli import get_plugins
-
         result = run_bench(recipe, get_plugins(ctx), preset=preset, overrides=overrides, shape=_shape(shape),
                            batch=batch, device=device, against=against, rounds=rounds, steps=steps)
         if as_json:

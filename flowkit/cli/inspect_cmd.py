@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flowkit.cli.console import console
+from flowkit.cli.public import get_plugins
 
 
 def _shape(text: str | None) -> tuple[int, int, int] | None:
@@ -37,7 +38,6 @@ def register(cli: click.Group) -> None:
                         shape: str | None, no_memory: bool, as_json: bool) -> None:
         """Build the model and dequantizer of RECIPE (no data read with --shape, no training) and
         print the parameters per part, the activation memory of one image, and the resolved recipe."""
-        from flowkit.cli import get_plugins
         from flowkit.recipes.load import load_recipe
         from flowkit.runs.inspect import inspect
 

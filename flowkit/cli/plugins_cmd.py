@@ -14,8 +14,8 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from flowkit.cli import get_plugins
 from flowkit.cli.console import console
+from flowkit.cli.public import get_plugins
 
 
 @click.command()

@@ -9,7 +9,8 @@ import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flowkit.cli.console import console, progress_enabled
+from flowkit.cli.console import console
+from flowkit.cli.public import get_plugins, progress_enabled
 from flowkit.runs.report import part_rows
 
 
@@ -112,7 +113,6 @@ def register(cli: click.Group) -> None:
             level: int | None, out: Path | None, overwrite: bool, resume: Path | None, from_checkpoint: str | None,
             iw_samples: int | None) -> None:
         """Train, evaluate (bits/dim) and sample the model of RECIPE."""
-        from flowkit.cli import get_plugins
         from flowkit.runs import distributed
         from flowkit.runs.run import start_run
         from flowkit.runs.trainer import SilentReporter

@@ -6,17 +6,7 @@ from pathlib import Path
 
 import click
 
-from flowkit.cli.console import console
-from flowkit.cli.sampling_options import SamplingOptions, mcmc_progress, sampling_options
-
-
-def load_trained(ctx: click.Context, run_dir: Path):  # noqa: ANN201 - (RunDir, Session)
-    """`flowkit.runs.trained.load_trained` with this invocation's plugins (commands of plugins,
-    such as ``flowkit superres``, call it too)."""
-    from flowkit.cli import get_plugins
-    from flowkit.runs.trained import load_trained as load
-
-    return load(run_dir, get_plugins(ctx))
+from flowkit.cli.public import SamplingOptions, console, load_trained, mcmc_progress, sampling_options
 
 
 def register(cli: click.Group) -> None:

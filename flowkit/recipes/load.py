@@ -192,14 +192,11 @@ def validate_recipe(
 
 
 def load_recipe(
-    path: str | Path, registries: Registries | None = None, *, preset: str | None = None,
+    path: str | Path, registries: Registries, *, preset: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> Recipe:
-    """Reads, merges and validates a recipe file; raises `RecipeError` listing every problem."""
-    if registries is None:
-        from flowkit.api import default_plugins
-
-        registries = default_plugins().registries
+    """Reads, merges and validates a recipe file against ``registries``; raises `RecipeError`
+    listing every problem. (`flowkit.load_recipe` is this with the entry-point plugins'.)"""
     path = Path(path)
     source = str(path)
     table = read_toml(path.resolve())

@@ -25,7 +25,6 @@ intact checkpoint to resume from instead.
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import hashlib
 import json
@@ -42,32 +41,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flowkit.errors import FlowkitError
+from flowkit.runs.rundir import fsync_path, write_json_atomic
 
 KEEP = 2  # checkpoints kept on disk: the newest and the one before it
 _NAME = re.compile(r"step-(\d+)(?:-(\d+))?")  # step-00001234, or step-00001234-1 for a re-save
-_TENSOR_FILES = ("weights.safetensors", "optimizer.safetensors", "trainer.safetensors")
-_FILES = (*_TENSOR_FILES, "state.json")
+WEIGHTS = "weights.safetensors"
+STATE = "state.json"
+_TENSOR_FILES = (WEIGHTS, "optimizer.safetensors", "trainer.safetensors")
+_FILES = (*_TENSOR_FILES, STATE)
 
 
 class CheckpointError(FlowkitError):
     """A checkpoint is missing, damaged (truncated, corrupted) or does not fit the recipe."""
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Replaces ``path`` with ``obj`` as JSON: synced, renamed over it, and the rename synced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync(path.parent)
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,19 +80,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         pid, name = key.split("/", 1)
         state.setdefault(int(pid), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _fsync(path: Path) -> None:
-    """Flushes a file, or a folder's entries, to disk (folders: POSIX only). A descriptor
-    opened read-only is enough: fsync flushes the file, not what was written through it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder on Windows cannot be opened; its renames are durable as they are
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _checkpoints(directory: Path) -> list[tuple[int, int, Path]]:
@@ -140,7 +112,7 @@ def save_checkpoint(
     """Writes checkpoint ``step`` atomically and prunes old ones; returns its folder."""
     if not directory.is_dir():
         directory.mkdir(parents=True)
-        _fsync(directory.parent)  # the new folder's own entry, too, must survive a power loss
+        fsync_path(directory.parent)  # the new folder's own entry, too, must survive a power loss
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
     try:
         weights = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
@@ -159,12 +131,12 @@ def save_checkpoint(
             # Data first, then the folder's entries, and only then the rename that publishes
             # them: otherwise a power loss can leave a published folder of empty files.
             for name in _FILES:
-                _fsync(tmp / name)
-            _fsync(tmp)
+                fsync_path(tmp / name)
+            fsync_path(tmp)
             revision = same_step[-1][0] + 1 if same_step else 0
             final = directory / (f"step-{step:08d}" + (f"-{revision}" if revision else ""))
             os.replace(tmp, final)  # a fresh name: nothing that latest.json names is touched
-            _fsync(directory)
+            fsync_path(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -188,6 +160,11 @@ def _prune(directory: Path, latest: Path, step: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     for stale in directory.glob(".latest.json.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+def has_checkpoint(directory: Path) -> bool:
+    """Whether ``latest.json`` names a checkpoint in ``directory`` (a run to resume)."""
+    return (directory / "latest.json").is_file()
 
 
 def latest_step(directory: Path) -> int | None:
@@ -325,10 +302,23 @@ def _load_file(file: Path, device: torch.device | str) -> dict[str, torch.Tensor
         raise CheckpointError(f"{file} is damaged: {exc}. {_alternative(file.parent.parent, file.parent)}") from None
 
 
+def read_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The checkpoint's weights by state-dict key (``model.…``, ``dequantizer.…``, ``ema.…``),
+    after checking the weights file."""
+    verify_checkpoint(path, (WEIGHTS,))
+    return _load_file(path / WEIGHTS, device)
+
+
+def weights_sha256(path: Path) -> str | None:
+    """The sha256 of the checkpoint's weights file, as its state.json records it: a checkpoint
+    written again under the same name (a level trained again) has other weights."""
+    files = json.loads((path / STATE).read_text(encoding="utf-8")).get("files", {})
+    return files.get(WEIGHTS, {}).get("sha256")
+
+
 def load_weights(path: Path, modules: dict[str, nn.Module], device: torch.device | str = "cpu") -> None:
     """Loads the checkpoint's weights into ``modules``, after checking the weights file."""
-    verify_checkpoint(path, ("weights.safetensors",))
-    weights = _load_file(path / "weights.safetensors", device)
+    weights = read_weights(path, device)
     for name, module in modules.items():
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -367,7 +357,7 @@ def load_checkpoint(
     """Restores weights and optimizer, after checking every file; returns (trainer tensors, trainer state)."""
     verify_checkpoint(path)
     load_weights(path, modules, device)
-    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    meta = json.loads((path / STATE).read_text(encoding="utf-8"))
     if optimizer is not None:
         tensors = _load_file(path / "optimizer.safetensors", device)
         try:

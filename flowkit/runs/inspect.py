@@ -27,19 +27,21 @@ class Inspection:
                 "activation_bytes_per_image": self.activation_bytes_per_image}
 
 
-def count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count_parameters(*modules: nn.Module) -> int:
+    """The parameters of ``modules`` together (what summary.json and `flowkit inspect` report)."""
+    return sum(p.numel() for m in modules for p in m.parameters())
+
 
 
 def parts_of(module: nn.Module, prefix: str, depth: int = 2) -> dict[str, int]:
     """Parameters of the submodules ``depth`` levels down (fewer where a branch ends)."""
-    children = [(name, child) for name, child in module.named_children() if count(child)]
+    children = [(name, child) for name, child in module.named_children() if count_parameters(child)]
     if depth == 0 or not children:
-        return {prefix: count(module)}
+        return {prefix: count_parameters(module)}
     out = {}
     for name, child in children:
         out.update(parts_of(child, f"{prefix}.{name}", depth - 1))
-    own = count(module) - sum(count(c) for _, c in children)
+    own = count_parameters(module) - sum(count_parameters(c) for _, c in children)
     if own:
         out[f"{prefix} (own)"] = own
     return out
@@ -88,4 +90,4 @@ def inspect(recipe: Recipe, plugins: Plugins, *, shape: tuple[int, int, int] | N
     parts = {**parts_of(model, "model"), **parts_of(dequantizer, "dequantizer")}
     parts = {k: v for k, v in parts.items() if v}
     act = activation_bytes(model, dequantizer, shape, recipe.data.params.n_bits) if memory else None
-    return Inspection(tuple(shape), count(model) + count(dequantizer), parts, act)
+    return Inspection(tuple(shape), count_parameters(model, dequantizer), parts, act)

@@ -29,31 +29,25 @@ are missing and how to train them. `flowkit.runs.trained.load_trained` loads ``D
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-
 from flowkit.errors import FlowkitError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe, load_recipe
-from flowkit.runs.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
-from flowkit.runs.evaluate import evaluate
+from flowkit.runs.checkpoint import CheckpointError, latest_checkpoint, read_weights, weights_sha256
+from flowkit.runs.execute import evaluate_and_sample, execute, summarise
 from flowkit.runs.lock import LOCK_NAME
 from flowkit.runs.report import write_report
-from flowkit.runs.rundir import RunDir
-from flowkit.runs.run import DENSITY, TRAIN_EVAL_IMAGES, count_parameters, execute, importance_weighted
-from flowkit.runs.sampling import sample_grids
+from flowkit.runs.rundir import RunDir, write_atomic
 from flowkit.runs.session import Session, build_session
 from flowkit.runs.trainer import Reporter
 
-LEVELS = "levels"
+LEVELS = RunDir.LEVELS
 
 
 def is_level_jobs_dir(path: Path) -> bool:
@@ -90,7 +84,7 @@ def join(out: Path, recipe: Recipe) -> None:
             "Choose another --out.")
     (out / LEVELS).mkdir(exist_ok=True)
     mine = whole_recipe(recipe).to_toml()
-    shared = out / "recipe.toml"
+    shared = out / RunDir.RECIPE
     _create_if_absent(shared, mine)
     theirs = shared.read_text(encoding="utf-8")
     differing = _differing_keys(tomllib.loads(theirs), tomllib.loads(mine))
@@ -107,26 +101,16 @@ def join(out: Path, recipe: Recipe) -> None:
 
 
 def _create_if_absent(path: Path, text: str) -> None:
-    """Writes ``path`` unless it exists, atomically: a complete temporary file hard-linked to
-    the name, which fails when another process linked its file first."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Writes ``path`` unless it exists (`write_atomic` with ``exclusive``: of jobs racing to
+    create it, exactly one does), with a clear error on a file system without hard links."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another job linked its complete file first
-        except OSError as exc:  # EPERM, EOPNOTSUPP, ...: a file system without hard links
-            raise FlowkitError(
-                f"cannot create {path.name} in {path.parent}: hard-linking a file there failed "
-                f"({exc.strerror or exc}). Level jobs create their shared recipe by a hard link, the one "
-                "race-free way to create a file on NFS too; give --out a folder on a file system with hard "
-                "links (ext4, xfs, NFS, Lustre; not FAT or some FUSE and SMB mounts).") from None
-    finally:
-        os.unlink(tmp)
+        write_atomic(path, text, exclusive=True)
+    except OSError as exc:  # EPERM, EOPNOTSUPP, ...: a file system without hard links
+        raise FlowkitError(
+            f"cannot create {path.name} in {path.parent}: hard-linking a file there failed "
+            f"({exc.strerror or exc}). Level jobs create their shared recipe by a hard link, the one "
+            "race-free way to create a file on NFS too; give --out a folder on a file system with hard "
+            "links (ext4, xfs, NFS, Lustre; not FAT or some FUSE and SMB mounts).") from None
 
 
 def _differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -143,11 +127,11 @@ def _differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> l
 # -- state of the levels ------------------------------------------------------------------
 def level_state(out: Path, name: str) -> str:
     """``finished``, ``failed``, ``unfinished`` (started: training, or stopped) or ``not started``."""
-    directory = Path(out) / LEVELS / name
-    summary = RunDir(directory).read_summary() if directory.is_dir() else {}
+    level = RunDir(Path(out)).level(name)
+    summary = level.read_summary() if level.path.is_dir() else {}
     if summary.get("status") in ("finished", "failed"):
         return summary["status"]
-    return "unfinished" if (directory / "recipe.toml").is_file() else "not started"
+    return "unfinished" if level.recipe_path.is_file() else "not started"
 
 
 def missing_levels(out: Path, names: list[str]) -> dict[str, str]:
@@ -165,7 +149,7 @@ def missing_message(out: Path, names: list[str], missing: dict[str, str]) -> str
                             f"stopped one with `flowkit run --resume {out / LEVELS / name}`)")
         else:
             retrain = " --overwrite" if state == "failed" else ""
-            commands.append(f"{name} ({state}; train it with `flowkit run {out / 'recipe.toml'} "
+            commands.append(f"{name} ({state}; train it with `flowkit run {out / RunDir.RECIPE} "
                             f"--level {names.index(name)} --out {out}{retrain}`)")
     return (f"{out} is a level-jobs directory missing {len(missing)} of its {len(names)} levels: "
             + "; ".join(commands) + ".")
@@ -186,9 +170,8 @@ def load_levels(session: Session, out: Path) -> dict[str, Path]:
     checkpoints: dict[str, Path] = {}
     state: dict[str, torch.Tensor] = {}
     for index, name in enumerate(names):
-        path = checkpoints[name] = latest_checkpoint(out / LEVELS / name / "checkpoints")
-        verify_checkpoint(path, ("weights.safetensors",))
-        for key, value in load_file(str(path / "weights.safetensors"), device=str(session.device)).items():
+        path = checkpoints[name] = latest_checkpoint(RunDir(out).level(name).checkpoints)
+        for key, value in read_weights(path, session.device).items():
             owner = _owner(key, owners)
             if owner == name or (owner is None and index == 0):
                 state[key] = value
@@ -199,7 +182,7 @@ def load_levels(session: Session, out: Path) -> dict[str, Path]:
         except RuntimeError as exc:  # missing, unexpected or reshaped tensors
             why = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"the level checkpoints in {out / LEVELS} do not fit the {module_name} "
-                                  f"that {out / 'recipe.toml'} builds: {why}") from None
+                                  f"that {out / RunDir.RECIPE} builds: {why}") from None
     return checkpoints
 
 
@@ -230,7 +213,7 @@ def _owner(key: str, owners: dict[str, tuple[str, ...]]) -> str | None:
 def train_level(session: Session, reporter: Reporter, out: Path, *,
                 overwrite: bool = False) -> tuple[RunDir, dict[str, Any]]:
     """One job's own part: joins ``out``, trains and evaluates its level alone in
-    ``out/levels/<term>`` (`flowkit.runs.run.execute`); returns that directory and summary.
+    ``out/levels/<term>`` (`flowkit.runs.execute.execute`); returns that directory and summary.
     `flowkit.runs.run.start_run` then lets go of ``session`` and calls `assemble`, which builds
     the whole model: the two are never in memory together."""
     recipe = session.recipe
@@ -241,10 +224,10 @@ def train_level(session: Session, reporter: Reporter, out: Path, *,
         # are removed, and none starts until the summary says the level is being retrained.
         shared = RunDir.existing(Path(out))
         with shared.lock("retrain a level of", wait=True):
-            rundir = RunDir.create(name, Path(out) / LEVELS / name, overwrite=True)
+            rundir = RunDir.create(name, shared.level(name).path, overwrite=True)
             supersede_whole_model(shared, name)
     else:
-        rundir = RunDir.create(name, Path(out) / LEVELS / name)
+        rundir = RunDir.create(name, RunDir(Path(out)).level(name).path)
     with rundir:
         return rundir, execute(session, rundir, reporter)
 
@@ -264,9 +247,8 @@ def supersede_whole_model(shared: RunDir, level: str) -> None:
         shared.write_summary({**previous, "retraining": retraining})
         return
     shared.write_summary({"status": "retraining", "retraining": retraining, "previous": previous})
-    report = shared.path / "report.md"
-    if report.is_file():
-        report.replace(shared.path / "report.previous.md")
+    if shared.report_path.is_file():
+        shared.report_path.replace(shared.previous_report_path)
 
 
 def assemble(out: Path, plugins: Plugins, reporter: Reporter) -> tuple[RunDir, dict[str, Any]] | None:
@@ -284,7 +266,7 @@ def assemble(out: Path, plugins: Plugins, reporter: Reporter) -> tuple[RunDir, d
                              "evaluates and samples the whole model.")
             return None
         previous = shared.read_summary()
-        latest = {n: _identity(out, latest_checkpoint(out / LEVELS / n / "checkpoints")) for n in names}
+        latest = {n: _identity(out, latest_checkpoint(shared.level(n).checkpoints)) for n in names}
         assembled = {n: {k: v.get(k) for k in ("checkpoint", "weights_sha256")}
                      for n, v in previous.get("levels", {}).items()}
         if previous.get("status") == "finished" and assembled == latest:
@@ -292,12 +274,12 @@ def assemble(out: Path, plugins: Plugins, reporter: Reporter) -> tuple[RunDir, d
         started = time.perf_counter()
         reporter.message(f"Every level of {out} has finished: evaluating and sampling the whole model...")
         load_levels(session, out)
-        jobs = {n: RunDir(out / LEVELS / n).read_summary() for n in names}
+        jobs = {n: shared.level(n).read_summary() for n in names}
         summary = whole_model_summary(session, shared, reporter, jobs, latest)
         summary["wall_s"] = time.perf_counter() - started
         shared.write_summary(summary)
         write_report(shared)
-        (shared.path / "report.previous.md").unlink(missing_ok=True)  # superseded by the report just written
+        shared.previous_report_path.unlink(missing_ok=True)  # superseded by the report just written
         shared.metrics.close()
         return shared, summary
 
@@ -305,58 +287,29 @@ def assemble(out: Path, plugins: Plugins, reporter: Reporter) -> tuple[RunDir, d
 def _identity(out: Path, checkpoint: Path) -> dict[str, Any]:
     """A level's checkpoint and the sha256 of its weights (state.json records it): a level
     trained again (``--overwrite``) has the same checkpoint name but other weights."""
-    files = json.loads((checkpoint / "state.json").read_text(encoding="utf-8")).get("files", {})
-    return {"checkpoint": str(checkpoint.relative_to(out)),
-            "weights_sha256": files.get("weights.safetensors", {}).get("sha256")}
+    return {"checkpoint": str(checkpoint.relative_to(out)), "weights_sha256": weights_sha256(checkpoint)}
 
 
 def whole_model_summary(session: Session, shared: RunDir, reporter: Reporter, jobs: dict[str, dict[str, Any]],
                         checkpoints: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The whole model's figures, as `flowkit.runs.run.execute` reports a run's: test and train
-    bits/dim over every dimension, the sample grids; training figures add up the level jobs'
-    (``levels`` keeps each job's own)."""
-    recipe, cfg = session.recipe, session.recipe.train
-    reporter.message(f"Evaluating the whole model on {len(session.test_x)} test images...")
-    train_x = session.train_x[:TRAIN_EVAL_IMAGES]
-    with session.evaluation_weights():
-        test = evaluate(session, session.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1)
-        train = evaluate(session, train_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2)
-        samples, overflowed = sample_grids(session, shared.samples, n=recipe.sample.n,
-                                           temperatures=recipe.sample.temperatures, seed=recipe.sample.seed)
-        iw = importance_weighted(session, reporter)
+    """The whole model's summary, as `flowkit.runs.execute.execute` reports a run's (its
+    evaluation and summary, shared): test and train bits/dim over every dimension, the sample
+    grids; training figures add up the level jobs' (``levels`` keeps each job's own)."""
+    evaluated = evaluate_and_sample(session, shared, reporter)
     seconds = sum(job["train_seconds"] for job in jobs.values())
     images = sum(job["train_images_per_s"] * job["train_seconds"] for job in jobs.values())
     first = next(iter(jobs.values()))
-    return {
-        "status": "finished",
-        "recipe": recipe.meta.name,
+    training = {
         "preset": first.get("preset", ""),
-        "dataset": session.dataset.name,
-        "image_shape": list(session.dataset.shape),
-        "n_bits": session.n_bits,
-        "density": DENSITY,
-        "test_bpd": test["bpd"],
-        "train_bpd": train["bpd"],
-        "test_bpd_per_part": {k[4:]: v for k, v in test.items() if k.startswith("bpd/")},
-        "train_bpd_per_part": {k[4:]: v for k, v in train.items() if k.startswith("bpd/")},
-        "test_bpd_share_per_part": {k[10:]: v for k, v in test.items() if k.startswith("bpd_share/")},
-        "test_images": len(session.test_x),
-        "train_eval_images": len(train_x),
-        "params": count_parameters(session.model, session.dequantizer),
         "steps": sum(job["steps"] for job in jobs.values()),  # of all jobs together
         "train_images_per_s": images / max(seconds, 1e-9),  # per second of one job's training
         "train_seconds": seconds,
         "peak_memory_bytes": max(job["peak_memory_bytes"] for job in jobs.values()),  # of the largest job
         "peak_memory_kind": first["peak_memory_kind"],
-        "device": str(session.device),
-        "torch": torch.__version__,
-        "samples": [str(p.relative_to(shared.path)) for p in samples],
-        "samples_overflowed": overflowed,
-        "level": -1,
-        "weights": f"exponential moving average, decay {cfg.ema}" if cfg.ema else "trained (no averaging)",
-        "levels": {name: {**checkpoints[name], "steps": job["steps"],
-                          "train_seconds": job["train_seconds"], "test_bpd": job["test_bpd"],
-                          "peak_memory_bytes": job["peak_memory_bytes"], "device": job["device"]}
-                   for name, job in jobs.items()},
-        **iw,
     }
+    summary = summarise(session, shared, evaluated, training)
+    summary["levels"] = {name: {**checkpoints[name], "steps": job["steps"], "train_seconds": job["train_seconds"],
+                                "test_bpd": job["test_bpd"], "peak_memory_bytes": job["peak_memory_bytes"],
+                                "device": job["device"]}
+                         for name, job in jobs.items()}
+    return summary

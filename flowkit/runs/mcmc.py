@@ -34,7 +34,6 @@ References:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ from torch import Tensor
 
 from flowkit.contracts.model import LatentLevel, LatentLevels
 from flowkit.errors import FlowkitError
+from flowkit.runs.rundir import grid_name, write_json_atomic
 
 if TYPE_CHECKING:
     from flowkit.runs.session import Session
@@ -232,7 +232,7 @@ def annealed_grids(session: Session, out_dir: Path, *, n: int, temperatures: Seq
                                      prefix=prefix, draw=draw)
     for temperature in temperatures:
         key = f"T{temperature:g}"
-        write_report(out_dir / f"{prefix}-{key}.json", temperature=temperature, n=n, seed=seed, settings=settings,
+        write_report(out_dir / grid_name(prefix, temperature, ".json"), temperature=temperature, n=n, seed=seed, settings=settings,
                      levels=reports[key], overflowed=overflowed[key])
     return paths, overflowed, reports
 
@@ -243,5 +243,5 @@ def write_report(path: Path, *, temperature: float, levels: Sequence[LevelReport
     record = {"temperature": temperature, "gamma": 1.0 / temperature**2, **extra,
               "settings": {**asdict(settings), "target_accept_prob": TARGET_ACCEPT},
               "levels": [asdict(report) for report in levels]}
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(path, record)
     return path

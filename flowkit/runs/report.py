@@ -25,7 +25,6 @@ from flowkit.errors import FlowkitError
 from flowkit.runs.images import grid
 from flowkit.runs.rundir import RunDir
 
-PLOTS = "plots"
 NO_MATPLOTLIB = ("No plots: matplotlib is not installed (`pip install matplotlib`, or "
                  "`pip install 'flowkit[ablate]'`); `flowkit report RUN_DIR` draws them once it is.")
 _TABLE_KEYS = ("test_bpd", "test_bpd_iw", "iw_samples", "iw_images", "train_bpd", "params", "steps",
@@ -91,9 +90,8 @@ def write_report(rundir: RunDir) -> tuple[Path, list[Path] | None]:
         lines += [f"![{caption}]({path.relative_to(rundir.path).as_posix()})", ""]
     if summary.get("samples"):
         lines += ["## Sample grids", ""] + [f"![{p}]({p})" for p in summary["samples"]]
-    out = rundir.path / "report.md"
-    out.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
-    return out, None if plots is None else [path for path, _ in plots]
+    rundir.write_report("\n".join(lines).rstrip("\n") + "\n")
+    return rundir.report_path, None if plots is None else [path for path, _ in plots]
 
 
 def draw_plots(rundir: RunDir, summary: dict[str, Any]) -> list[tuple[Path, str]] | None:
@@ -103,11 +101,11 @@ def draw_plots(rundir: RunDir, summary: dict[str, Any]) -> list[tuple[Path, str]
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    folder = rundir.path / PLOTS
+    folder = rundir.plots
     folder.mkdir(exist_ok=True)
     for stale in folder.glob("*.png"):
         stale.unlink()
-    records = read_metrics(rundir.path / "metrics.jsonl")
+    records = read_metrics(rundir.metrics_path)
     made = [
         (bpd_curve(folder / "bpd.png", records), "bits/dim by step"),
         (per_level_curves(folder / "per_level_bpd.png", records), "test bits/dim of each level over its own dims"),

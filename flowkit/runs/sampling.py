@@ -13,6 +13,7 @@ from torch import Tensor
 
 from flowkit.runs.images import grid, save_png, to_uint8
 from flowkit.runs.metrics import MetricsSink
+from flowkit.runs.rundir import grid_name
 from flowkit.runs.session import Session
 
 
@@ -60,10 +61,10 @@ def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple
         scale = max(1, 128 // session.dataset.shape[1])
         images = to_uint8(y, session.n_bits)
         mosaic = grid(images)
-        paths.append(save_png(mosaic, out_dir / f"{prefix}-T{temperature:g}.png", scale))
+        paths.append(save_png(mosaic, out_dir / grid_name(prefix, temperature, ".png"), scale))
         if metrics is not None:
             metrics.image(f"{prefix}/T{temperature:g}", mosaic, step)
-        np.save(out_dir / f"{prefix}-T{temperature:g}.npy", images)  # NHWC uint8, for comparison mosaics
+        np.save(out_dir / grid_name(prefix, temperature, ".npy"), images)  # NHWC uint8, for comparison mosaics
     return paths, overflowed
 
 

@@ -233,7 +233,7 @@ def flowkit_register_models(register: Any) -> None:
 
 
 def _trained_vae_flow(ctx: Any, run_dir: Path) -> tuple[Any, Any, VAEFlow]:
-    from flowkit.cli.sample import load_trained
+    from flowkit.cli.public import load_trained
 
     rundir, session = load_trained(ctx, run_dir)
     if not isinstance(session.model, VAEFlow):
@@ -255,7 +255,7 @@ def _temperatures(values: tuple[float, ...]) -> tuple[float, ...]:
 def flowkit_add_commands(cli: Any) -> None:
     import click
 
-    from flowkit.cli.sampling_options import SamplingOptions, sampling_options
+    from flowkit.cli.public import SamplingOptions, sampling_options
 
     # The options of every sampling command (flowkit/cli/sampling_options.py); T scales q(z | x)
     # here, and there is no --mcmc: z is drawn from the posterior, not from the model's latent density.
@@ -270,7 +270,7 @@ def flowkit_add_commands(cli: Any) -> None:
         """Write a grid that combines the global z of each row's image with the local latent of
         each column's image (the first row and column show the images; the diagonal
         reconstructs them): swap-T<temperature>.png in RUN_DIR/samples."""
-        from flowkit.cli.console import console
+        from flowkit.cli.public import console
         from flowkit_plugins.models._vae_grids import pick_test_images, write_swap_grid
 
         rundir, session, model = _trained_vae_flow(ctx, run_dir)
@@ -293,7 +293,7 @@ def flowkit_add_commands(cli: Any) -> None:
         a's to b's with a's local latent fixed (interpolate-z-T<t>.png), and the local latent
         interpolated with a's z fixed (interpolate-local-T<t>.png); each row starts with a and
         ends with b. In RUN_DIR/samples."""
-        from flowkit.cli.console import console
+        from flowkit.cli.public import console
         from flowkit_plugins.models._vae_grids import pick_test_images, write_interpolation_grids
 
         if steps < 2:

@@ -64,7 +64,7 @@ def superres_strip(session: Any, out: Path, *, from_level: int, n_images: int, n
 def flowkit_add_commands(cli: Any) -> None:
     import click
 
-    from flowkit.cli.sampling_options import SamplingOptions, sampling_options
+    from flowkit.cli.public import SamplingOptions, console, load_trained, mcmc_progress, sampling_options
 
     @cli.command()
     @click.argument("run_dir", type=click.Path(path_type=Path))
@@ -78,16 +78,14 @@ def flowkit_add_commands(cli: Any) -> None:
         """Reduce test images to level k, sample the details coarse to fine, write a strip per
         temperature: low-res input | samples | ground truth. With --mcmc, the details are annealed
         samples, each level's chain reported here and in a JSON next to the strip."""
-        from flowkit.cli.console import console
-        from flowkit.cli.sample import load_trained
-        from flowkit.cli.sampling_options import mcmc_progress
         from flowkit.runs.mcmc import write_report
+        from flowkit.runs.rundir import grid_name
 
         rundir, session = load_trained(ctx, run_dir)
         tag = "" if sampling.mcmc is None else "-mcmc"
         on_level = None if sampling.mcmc is None else mcmc_progress(sampling.n * images)
         for temperature in sampling.temperatures:
-            out = rundir.samples / f"superres-from-level{from_level}{tag}-T{temperature:g}.png"
+            out = rundir.samples / grid_name(f"superres-from-level{from_level}{tag}", temperature, ".png")
             path, reports = superres_strip(session, out, from_level=from_level, n_images=images,
                                            n_samples=sampling.n, temperature=temperature,
                                            seed=sampling.seed_or(0), mcmc=sampling.mcmc, on_level=on_level)

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 import flowkit
 import flowkit.cli
+import flowkit.cli.public
 from flowkit import NoParams, PluginError, hookimpl, param
 from flowkit.cli.console import console
 from flowkit.hookspecs import KIND_HOOKS
@@ -292,7 +293,7 @@ def test_plugins_command_lists_broken_plugins(cli: click.Group, broken_dist: Pat
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     startup = make_plugins()
     startup.registries  # noqa: B018 - as the CLI's startup does
-    monkeypatch.setattr(flowkit.cli, "_startup_plugins", startup)
+    monkeypatch.setattr(flowkit.cli.public, "_startup", startup)
     rows = {row["name"]: row for row in json.loads(_invoke(cli, ["plugins", "--json"]).stdout)}
     assert {name for name, row in rows.items() if "error" in row} == {"import_fails", "hook_raises", "misspelt"}
     table = _invoke(cli, ["plugins"]).stdout
@@ -384,7 +385,7 @@ class _Throwaway:
 def test_extra_plugin_object_is_visible_through_the_cli(cli: click.Group, monkeypatch: pytest.MonkeyPatch) -> None:
     # main() builds the startup manager once and every command reuses it (llm's pattern of
     # registering on the one manager, undone afterwards: monkeypatch restores it).
-    monkeypatch.setattr(flowkit.cli, "_startup_plugins", make_plugins(extra=[_Throwaway()]))
+    monkeypatch.setattr(flowkit.cli.public, "_startup", make_plugins(extra=[_Throwaway()]))
     result = _invoke(cli, ["parts", "coupling"])
     assert result.exit_code == 0, result.output
     assert "throwaway_obj" in result.stdout and "a throwaway object plugin" in result.stdout

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from flowkit.cli import _add_commands, cli
 from flowkit.errors import RecipeError
-from flowkit.runs.ablation.report import RunResult, VariantRow, paired_difference, time_to
+from flowkit.runs.ablation.results import RunResult, VariantRow, paired_difference, time_to
 from flowkit.runs.ablation.spec import load_ablation
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,6 +16,7 @@ from torch import nn
 
 from flowkit.errors import FlowkitError
 from flowkit.runs import checkpoint as checkpoint_module
+from flowkit.runs import rundir as rundir_module
 from flowkit.runs.checkpoint import (
     KEEP,
     CheckpointError,
@@ -237,9 +238,11 @@ def test_every_file_and_its_folder_are_synced_before_the_rename_that_publishes_t
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     events: list[tuple[str, str]] = []
-    real_fsync, real_replace = checkpoint_module._fsync, os.replace
-    monkeypatch.setattr(checkpoint_module, "_fsync", lambda path: (events.append(("fsync", str(path))),
-                                                                   real_fsync(path))[1])
+    real_fsync, real_replace = checkpoint_module.fsync_path, os.replace
+    fsync = lambda path: (events.append(("fsync", str(path))), real_fsync(path))[1]  # noqa: E731
+    # The checkpoint's own files and folders, and latest.json through the one atomic writer.
+    monkeypatch.setattr(checkpoint_module, "fsync_path", fsync)
+    monkeypatch.setattr(rundir_module, "fsync_path", fsync)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", f"{a} -> {b}")), real_replace(a, b))[1])
     final = save(tmp_path, 1, seed=1)
     publish = next(i for i, (kind, what) in enumerate(events) if kind == "replace" and what.endswith(str(final)))

@@ -15,7 +15,8 @@ from flowkit.errors import FlowkitError
 from flowkit.registry import Registries
 from flowkit.runs.ablation import plots
 from flowkit.runs.ablation.execute import plan, require_submitit, run_local, run_submitit, write_manifest
-from flowkit.runs.ablation.report import VariantRow, group_by_recipe, read_run, write_report
+from flowkit.runs.ablation.report import write_report
+from flowkit.runs.ablation.results import VariantRow, group_by_recipe, read_run
 from flowkit.runs.ablation.spec import Ablation, load_ablation
 
 

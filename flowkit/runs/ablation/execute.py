@@ -9,7 +9,6 @@ resumes interrupted ones from their checkpoints and starts the others; a run tha
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from flowkit.errors import FlowkitError
 from flowkit.recipes.load import load_recipe
 from flowkit.registry import Registries
 from flowkit.runs.ablation.spec import Ablation, Run, comparable
+from flowkit.runs.checkpoint import has_checkpoint
+from flowkit.runs.rundir import RunDir, write_atomic, write_json_atomic
 
 MANIFEST = "ablation.json"
 
@@ -36,14 +37,13 @@ class Job:
 
 def run_state(rundir: Path) -> str:
     """``finished``, ``failed``, ``interrupted`` (a checkpoint to resume from) or ``new``."""
-    summary = rundir / "summary.json"
-    if summary.is_file():
-        status = json.loads(summary.read_text()).get("status")
-        if status in ("finished", "failed"):
-            return status
-    if (rundir / "checkpoints" / "latest.json").is_file():
+    run = RunDir(rundir)
+    status = run.read_summary().get("status")
+    if status in ("finished", "failed"):
+        return status
+    if has_checkpoint(run.checkpoints):
         return "interrupted"
-    if (rundir / "error.txt").is_file():
+    if run.error_path.is_file():
         return "failed"
     return "new"
 
@@ -51,7 +51,7 @@ def run_state(rundir: Path) -> str:
 def check_same_recipe(run: Run, rundir: Path, registries: Registries) -> None:
     """A run directory from an earlier invocation must hold this run's recipe: otherwise its
     results would be reported under a variant they do not belong to."""
-    path = rundir / "recipe.toml"
+    path = RunDir(rundir).recipe_path
     if not path.is_file():
         return
     done = load_recipe(path, registries)
@@ -106,7 +106,7 @@ def write_manifest(ablation: Ablation, out: Path) -> None:
         "runs": [{"variant": r.variant, "seed": r.seed, "dir": f"runs/{r.slug}", "overrides": list(r.overrides)}
                  for r in ablation.runs],
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    write_json_atomic(out / MANIFEST, manifest)
 
 
 def run_command(argv: list[str], log: str, rundir: str) -> int:
@@ -125,7 +125,7 @@ def record_failure(code: int, log: Path, rundir: Path) -> None:
     text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
     errors = [line for line in text if line.startswith("Error:")] or text[-3:]
     rundir.mkdir(parents=True, exist_ok=True)
-    (rundir / "error.txt").write_text("\n".join(errors) + f"\n(exit {code}; log: {log})\n", encoding="utf-8")
+    write_atomic(RunDir(rundir).error_path, "\n".join(errors) + f"\n(exit {code}; log: {log})\n")
 
 
 def run_local(jobs: list[Job], parallel: int, say: Callable[[str], None]) -> dict[str, int]:
@@ -192,7 +192,7 @@ def run_submitit(jobs: list[Job], ablation: Ablation, out: Path, say: Callable[[
             codes[job.run.slug] = handle.result()
         except Exception as exc:  # noqa: BLE001 - a job that died (time limit, node failure) is one failed run
             job.rundir.mkdir(parents=True, exist_ok=True)
-            (job.rundir / "error.txt").write_text(f"the submitit job {handle.job_id} failed: {exc}\n", encoding="utf-8")
+            write_atomic(RunDir(job.rundir).error_path, f"the submitit job {handle.job_id} failed: {exc}\n")
             codes[job.run.slug] = 1
         say(f"run {job.run.slug}: " + ("done" if codes[job.run.slug] == 0 else "failed"))
     return codes

@@ -5,14 +5,12 @@ per-level bits/dim (models whose terms are densities of their own), a sample mos
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flowkit.errors import FlowkitError
-
-if TYPE_CHECKING:
-    from flowkit.runs.ablation.report import VariantRow
+from flowkit.runs.ablation.results import VariantRow, mean_curve
+from flowkit.runs.rundir import RunDir
 
 
 def require_matplotlib() -> None:
@@ -41,8 +39,6 @@ def make_all(folder: Path, rows: list[VariantRow], *, temperature: float) -> lis
 
 
 def curves(path: Path, rows: list[VariantRow], x: str) -> Path | None:
-    from flowkit.runs.ablation.report import mean_curve
-
     data = [(row.name, mean_curve(row, x)) for row in rows]
     if not any(points for _, points in data):
         return None
@@ -123,10 +119,10 @@ def sample_mosaic(path: Path, rows: list[VariantRow], temperature: float, per_ro
     """One row per variant: the first samples of its first finished run at ``temperature``."""
     strips = []
     for row in rows:
-        run = next((r for r in row.runs if r.ok and (r.path / "samples" / f"samples-T{temperature:g}.npy").is_file()),
+        run = next((r for r in row.runs if r.ok and RunDir(r.path).sample_grid(temperature, ".npy").is_file()),
                    None)
         if run is not None:
-            strips.append((row.name, np.load(run.path / "samples" / f"samples-T{temperature:g}.npy")[:per_row]))
+            strips.append((row.name, np.load(RunDir(run.path).sample_grid(temperature, ".npy"))[:per_row]))
     if not strips:
         return None
     plt = _pyplot()
