@@ -9,6 +9,8 @@ callable of this signature::
 - ``factory(params, *, build, **shape_kwargs)`` builds the part from a validated Params
   instance. ``build`` resolves nested parts (`flowkit.params.PartRef`), so a plugin never
   imports another plugin. The shape keyword arguments depend on the kind (see each hook).
+  The factory is usually the part's class, whose constructor takes every value from
+  ``params``: the Params are the one place a part's defaults are stated.
 - ``params`` is a frozen, kw-only dataclass (see `flowkit.params`).
 
 A name registered twice, by the same or by two plugins, is an error naming both.
@@ -46,7 +48,7 @@ def flowkit_register_transforms(register: RegisterFn) -> None:
 
         @hookimpl
         def flowkit_register_transforms(register):
-            register("actnorm", ActNorm.from_params, params=ActNormParams)
+            register("actnorm", ActNorm, params=ActNormParams)
     """
 
 
@@ -59,7 +61,7 @@ def flowkit_register_decompositions(register: RegisterFn) -> None:
 
     Example::
 
-        register("haar", HaarDecomposition.from_params, params=NoParams)
+        register("haar", HaarDecomposition, params=NoParams)
     """
 
 
@@ -73,7 +75,7 @@ def flowkit_register_couplings(register: RegisterFn) -> None:
 
     Example::
 
-        register("spline", SplineCoupling.from_params, params=SplineParams)
+        register("spline", SplineCoupling, params=SplineParams)
     """
 
 
@@ -85,7 +87,7 @@ def flowkit_register_steps(register: RegisterFn) -> None:
 
     Example::
 
-        register("glow", GlowStep.from_params, params=GlowParams)
+        register("glow", GlowStep, params=GlowParams)
     """
 
 
@@ -98,7 +100,7 @@ def flowkit_register_nets(register: RegisterFn) -> None:
 
     Example::
 
-        register("glow_cnn", GlowCNN.from_params, params=GlowCNNParams)
+        register("glow_cnn", GlowCNN, params=GlowCNNParams)
     """
 
 
@@ -110,7 +112,7 @@ def flowkit_register_priors(register: RegisterFn) -> None:
 
     Example::
 
-        register("gaussian", StandardGaussian.from_params, params=NoParams)
+        register("gaussian", StandardGaussian, params=NoParams)
     """
 
 
@@ -122,7 +124,7 @@ def flowkit_register_dequantizers(register: RegisterFn) -> None:
 
     Example::
 
-        register("uniform", UniformDequantizer.from_params, params=NoParams)
+        register("uniform", UniformDequantizer, params=NoParams)
     """
 
 
@@ -134,7 +136,7 @@ def flowkit_register_models(register: RegisterFn) -> None:
 
     Example::
 
-        register("wavelet_flow", WaveletFlow.from_params, params=WaveletFlowParams)
+        register("wavelet_flow", WaveletFlow, params=WaveletFlowParams)
     """
 
 

@@ -42,13 +42,11 @@ class AdditiveCoupling(MaskedCoupling):
 
     params_per_entry = 1
 
-    @classmethod
-    def from_params(
-        cls, params: AdditiveParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
-    ) -> AdditiveCoupling:
-        """Additive (volume-preserving) coupling, channel or checkerboard mask."""
-        return cls(in_shape, mask=params.mask, parity=params.parity, factor=params.factor, net=params.net,
-                   context_shape=context_shape, build=build)
+    def __init__(
+        self, params: AdditiveParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
+    ) -> None:
+        super().__init__(in_shape, mask=params.mask, parity=params.parity, factor=params.factor, net=params.net,
+                         context_shape=context_shape, build=build)
 
     def _transform(self, x_trans: Tensor, h: Tensor) -> tuple[Tensor, None]:
         return x_trans + h, None
@@ -59,5 +57,5 @@ class AdditiveCoupling(MaskedCoupling):
 
 @hookimpl
 def flowkit_register_couplings(register: Any) -> None:
-    register("additive", AdditiveCoupling.from_params, params=AdditiveParams,
+    register("additive", AdditiveCoupling, params=AdditiveParams,
              summary="volume-preserving additive coupling (NICE), channel or checkerboard mask")

@@ -62,20 +62,14 @@ class AffineCoupling(MaskedCoupling):
 
     params_per_entry = 2
 
-    def __init__(self, in_shape: Shape, *, scale_fn: ScaleFn = "sigmoid", clamp: float = 2.0,
-                 order: Order = "shift_first", **kwargs: Any) -> None:
-        super().__init__(in_shape, **kwargs)
-        self.scale_fn = scale_fn
-        self.clamp = clamp
-        self.order = order
-
-    @classmethod
-    def from_params(
-        cls, params: AffineParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
-    ) -> AffineCoupling:
-        """Affine coupling (Glow), channel or checkerboard mask."""
-        return cls(in_shape, mask=params.mask, parity=params.parity, factor=params.factor, net=params.net, scale_fn=params.scale_fn,
-                   clamp=params.clamp, order=params.order, context_shape=context_shape, build=build)
+    def __init__(
+        self, params: AffineParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
+    ) -> None:
+        super().__init__(in_shape, mask=params.mask, parity=params.parity, factor=params.factor, net=params.net,
+                         context_shape=context_shape, build=build)
+        self.scale_fn = params.scale_fn
+        self.clamp = params.clamp
+        self.order = params.order
 
     def _shift_log_scale(self, h: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = h.chunk(2, dim=1)
@@ -102,5 +96,5 @@ class AffineCoupling(MaskedCoupling):
 
 @hookimpl
 def flowkit_register_couplings(register: Any) -> None:
-    register("affine", AffineCoupling.from_params, params=AffineParams,
+    register("affine", AffineCoupling, params=AffineParams,
              summary="affine coupling (Glow: (x + shift) * sigmoid(s + 2)), channel or checkerboard mask")

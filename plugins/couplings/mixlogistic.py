@@ -162,15 +162,15 @@ class MixLogisticCoupling(Transform):
     """
 
     def __init__(
-        self, in_shape: Shape, *, mask: MaskKind, parity: int, components: int, net: PartRef,
-        context_shape: Shape | None, build: Any, tol: float = 1e-6, max_iter: int = 100,
+        self, params: MixLogisticParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
     ) -> None:
         super().__init__()
+        mask, parity, components = params.mask, params.parity, params.components
         if len(in_shape) != 3:
             raise ShapeError(f"MixLogisticCoupling expects in_shape = (C, H, W), got {tuple(in_shape)}.")
         self.in_shape = tuple(int(s) for s in in_shape)
         self.mask_kind, self.parity, self.components = mask, parity, components
-        self.tol, self.max_iter = tol, max_iter
+        self.tol, self.max_iter = params.tol, params.max_iter
         self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
         self._halves = CompactHalves(self.in_shape, mask, parity)
         if mask in SPATIAL_MASKS:
@@ -178,18 +178,9 @@ class MixLogisticCoupling(Transform):
         else:
             self.cond_is_even_col = None
         self.net = build(
-            net, in_shape=self._halves.cond_shape, context_shape=self._net_context_shape(),
+            params.net, in_shape=self._halves.cond_shape, context_shape=self._net_context_shape(),
             out_channels=(2 + 3 * components) * self._halves.trans_shape[0],
         )
-
-    @classmethod
-    def from_params(
-        cls, params: MixLogisticParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
-    ) -> MixLogisticCoupling:
-        """Logistic-mixture CDF coupling (Flow++), channel or checkerboard mask."""
-        return cls(in_shape, mask=params.mask, parity=params.parity, components=params.components,
-                   net=params.net, context_shape=context_shape, build=build, tol=params.tol,
-                   max_iter=params.max_iter)
 
     def _splits_context(self) -> bool:
         cs = self.context_shape
@@ -260,5 +251,5 @@ class MixLogisticCoupling(Transform):
 
 @hookimpl
 def flowkit_register_couplings(register: Any) -> None:
-    register("mixlogistic", MixLogisticCoupling.from_params, params=MixLogisticParams,
+    register("mixlogistic", MixLogisticCoupling, params=MixLogisticParams,
              summary="logistic-mixture CDF coupling (Flow++), channel or checkerboard mask")

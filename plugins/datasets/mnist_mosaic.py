@@ -56,7 +56,7 @@ class MnistMosaicParams(DataParams):
 
 
 def mosaics(digits: np.ndarray, count: int, params: MnistMosaicParams, rng: np.random.Generator,
-            limit: int = 0) -> np.ndarray:
+            limit: int) -> np.ndarray:
     """``(min(count, limit or count), 1, size, size)`` uint8 mosaics of ``digits`` ``(N, 28, 28)``.
     The draws of all ``count`` images are made before the cut, so a limit keeps the first ones."""
     grid = params.size // params.tile

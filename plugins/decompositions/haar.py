@@ -36,23 +36,18 @@ class HaarDecomposition(DWT2Decomposition):
     Example:
         >>> import torch
         >>> x = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]]])
-        >>> low, detail, _ = HaarDecomposition().split(x)
+        >>> low, detail, _ = HaarDecomposition(NoParams()).split(x)
         >>> low.flatten().round(decimals=5).tolist(), detail.flatten().round(decimals=5).tolist()
         ([6.0], [-3.0, -2.0, 1.0])
     """
 
-    def __init__(self) -> None:
+    def __init__(self, params: NoParams, *, build: Callable[..., Any] | None = None) -> None:
         super().__init__("haar")
-
-    @classmethod
-    def from_params(cls, params: NoParams, *, build: Callable[..., Any]) -> HaarDecomposition:
-        """One level of the orthonormal 2-D Haar transform (periodized)."""
-        return cls()
 
 
 @hookimpl
 def flowkit_register_decompositions(register: RegisterFn) -> None:
     register(
-        "haar", HaarDecomposition.from_params, params=NoParams,
+        "haar", HaarDecomposition, params=NoParams,
         summary="one level of the orthonormal 2-D Haar wavelet transform",
     )

@@ -54,21 +54,16 @@ class SqueezeDecomposition(Decomposition):
     Example:
         >>> import torch
         >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
-        >>> low, detail, _ = SqueezeDecomposition().split(x)
+        >>> low, detail, _ = SqueezeDecomposition(SqueezeParams()).split(x)
         >>> low.flatten().tolist(), detail.flatten().tolist()
         ([0.0], [1.0, 2.0, 3.0])
     """
 
     orthonormal = True
 
-    def __init__(self, order: str = "glow") -> None:
+    def __init__(self, params: SqueezeParams, *, build: Callable[..., Any] | None = None) -> None:
         super().__init__()
-        self.order = order
-
-    @classmethod
-    def from_params(cls, params: SqueezeParams, *, build: Callable[..., Any]) -> SqueezeDecomposition:
-        """Space-to-depth by 2 (Glow's squeeze), split into sub-pixel (0, 0) and the other three."""
-        return cls(params.order)
+        self.order = params.order
 
     def output_shape(self, in_shape: Shape) -> tuple[Shape, Shape]:
         check_image_shape(type(self).__name__, tuple(in_shape), batched=False)
@@ -141,6 +136,6 @@ class SqueezeDecomposition(Decomposition):
 @hookimpl
 def flowkit_register_decompositions(register: RegisterFn) -> None:
     register(
-        "squeeze", SqueezeDecomposition.from_params, params=SqueezeParams,
+        "squeeze", SqueezeDecomposition, params=SqueezeParams,
         summary="space-to-depth by 2 (Glow), split into sub-pixel (0, 0) and the other three",
     )

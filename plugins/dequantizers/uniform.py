@@ -40,22 +40,18 @@ class UniformDequantizer(Dequantizer):
     Averaged over ``u`` this is an upper bound on the discrete model's bits/dim.
 
     Example:
-        >>> dequantize = UniformDequantizer()
+        >>> import flowkit
+        >>> dequantize = flowkit.build("dequantizer", "uniform")
         >>> y, log_q = dequantize(torch.tensor([[0, 31]], dtype=torch.uint8), n_bits=5)
         >>> bool(((y * 32).floor() == torch.tensor([[0.0, 31.0]])).all()), log_q.tolist()
         (True, [0.0])
     """
 
-    def __init__(self, in_shape: Shape | None = None) -> None:
+    def __init__(
+        self, params: NoParams, *, in_shape: Shape | None = None, build: Callable[..., Any] | None = None,
+    ) -> None:
         super().__init__()
         self.in_shape = None if in_shape is None else tuple(in_shape)
-
-    @classmethod
-    def from_params(
-        cls, params: NoParams, *, in_shape: Shape | None = None, build: Callable[..., Any] | None = None,
-    ) -> UniformDequantizer:
-        """Uniform dequantization, y = (x + u) / 2^n_bits with log q = 0."""
-        return cls(in_shape)
 
     def forward(self, x: Tensor, n_bits: int) -> tuple[Tensor, Tensor]:
         if not 1 <= n_bits <= 16:
@@ -78,5 +74,5 @@ class UniformDequantizer(Dequantizer):
 
 @hookimpl
 def flowkit_register_dequantizers(register: RegisterFn) -> None:
-    register("uniform", UniformDequantizer.from_params, params=NoParams,
+    register("uniform", UniformDequantizer, params=NoParams,
              summary="uniform noise: y = (x + u) / 2^n_bits, log q = 0 (offset n_bits bits/dim)")

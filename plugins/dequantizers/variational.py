@@ -114,7 +114,7 @@ class VariationalDequantizer(Dequantizer):
         Ho et al., "Flow++", ICML 2019, section 3.1.
     """
 
-    def __init__(self, in_shape: Shape, params: VariationalParams, build: Any) -> None:
+    def __init__(self, params: VariationalParams, *, in_shape: Shape, build: Any) -> None:
         super().__init__()
         if len(in_shape) != 3:
             raise ShapeError(f"VariationalDequantizer expects in_shape = (C, H, W), got {tuple(in_shape)}.")
@@ -144,11 +144,6 @@ class VariationalDequantizer(Dequantizer):
                 f"this step cannot take ({exc}). It suits couplings with compact halves (mixlogistic with mask "
                 '"columns" or "checkerboard"); use context_layout = "image" for the others.') from None
         self.flow = Sequential(steps, context_shape=context_shape)
-
-    @classmethod
-    def from_params(cls, params: VariationalParams, *, in_shape: Shape, build: Any) -> VariationalDequantizer:
-        """Variational dequantization (Flow++): a conditional flow q(u | x), squashed to [0, 1)."""
-        return cls(in_shape, params, build)
 
     def _dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
@@ -219,5 +214,5 @@ class VariationalDequantizer(Dequantizer):
 
 @hookimpl
 def flowkit_register_dequantizers(register: Any) -> None:
-    register("variational", VariationalDequantizer.from_params, params=VariationalParams,
+    register("variational", VariationalDequantizer, params=VariationalParams,
              summary="variational dequantization (Flow++): a conditional flow q(u | x) squashed to [0, 1)")

@@ -151,7 +151,7 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
     (`SuperResolution`; the ``flowkit superres`` command of this plugin).
     """
 
-    def __init__(self, params: WaveletFlowParams, in_shape: tuple[int, int, int], build) -> None:  # noqa: ANN001
+    def __init__(self, params: WaveletFlowParams, *, in_shape: tuple[int, int, int], build) -> None:  # noqa: ANN001
         super().__init__()
         c, h, w = in_shape
         L = params.levels
@@ -196,10 +196,6 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
             if self.crops[index] > 1:
                 seed = int(torch.randint(0, 2**62, ()))
                 self.register_buffer(f"crop_rng_{name}", torch.Generator().manual_seed(seed).get_state())
-
-    @classmethod
-    def from_params(cls, params: WaveletFlowParams, *, in_shape: tuple[int, int, int], build) -> WaveletFlow:  # noqa: ANN001
-        return cls(params, tuple(in_shape), build)
 
     # -- pyramid ---------------------------------------------------------------------------
     def gain(self, j: int) -> float:
@@ -342,5 +338,5 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
 
 @hookimpl
 def flowkit_register_models(register) -> None:  # noqa: ANN001
-    register("wavelet_flow", WaveletFlow.from_params, params=WaveletFlowParams,
+    register("wavelet_flow", WaveletFlow, params=WaveletFlowParams,
              summary="Wavelet Flow: one conditional flow per level of an orthonormal wavelet pyramid")

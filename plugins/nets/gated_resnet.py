@@ -132,11 +132,12 @@ class GatedResNet(nn.Module):
     """
 
     def __init__(
-        self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None = None, hidden: int = 96,
-        blocks: int = 10, heads: int = 4, attention: bool = True, dropout: float = 0.2, init_scale: float = 0.1,
-        init: str = "fixed",
+        self, params: GatedResNetParams, *, in_shape: Shape, out_channels: int, context_shape: Shape | None = None,
+        build: Any = None,
     ) -> None:
         super().__init__()
+        hidden, blocks, heads, attention = params.hidden, params.blocks, params.heads, params.attention
+        dropout, init_scale = params.dropout, params.init_scale
         if len(in_shape) != 3:
             raise ShapeError(f"GatedResNet expects in_shape = (C, H, W), got {tuple(in_shape)}.")
         channels, height, width = (int(s) for s in in_shape)
@@ -153,19 +154,9 @@ class GatedResNet(nn.Module):
         self.norms1 = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(blocks))
         self.norms2 = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(blocks))
         self.conv_out = mark(_scaled(nn.Conv2d(hidden, out_channels, 3, padding=1), init_scale), init_scale)
-        self.data_init = init == "data"
+        self.data_init = params.init == "data"
         if self.data_init:  # the flag is saved with the weights, so a restored net is not re-initialised
             self.register_buffer("initialized", torch.tensor(False))
-
-    @classmethod
-    def from_params(
-        cls, params: GatedResNetParams, *, in_shape: Shape, out_channels: int, context_shape: Shape | None = None,
-        build: Any = None,
-    ) -> GatedResNet:
-        """Flow++'s gated residual network with multi-head self-attention and dropout."""
-        return cls(in_shape, out_channels=out_channels, context_shape=context_shape, hidden=params.hidden,
-                   blocks=params.blocks, heads=params.heads, attention=params.attention, dropout=params.dropout,
-                   init_scale=params.init_scale, init=params.init)
 
     def _context(self, x: Tensor, context: Tensor | None) -> Tensor | None:
         if self.context_shape is None:
@@ -212,5 +203,5 @@ class GatedResNet(nn.Module):
 
 @hookimpl
 def flowkit_register_nets(register: Any) -> None:
-    register("gated_resnet", GatedResNet.from_params, params=GatedResNetParams,
+    register("gated_resnet", GatedResNet, params=GatedResNetParams,
              summary="Flow++'s gated residual conv net with layer norm, multi-head self-attention and dropout")

@@ -52,11 +52,11 @@ class GlowCNN(nn.Module):
     """
 
     def __init__(
-        self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None = None, hidden: int = 64,
-        blocks: int = 0, actnorm: bool = False, output_scale: bool = True, edge_bias: bool = False,
+        self, params: GlowCNNParams, *, in_shape: Shape, out_channels: int, context_shape: Shape | None = None,
         build: Any = None,
     ) -> None:
         super().__init__()
+        hidden, blocks, actnorm, edge_bias = params.hidden, params.blocks, params.actnorm, params.edge_bias
         if len(in_shape) != 3:
             raise ShapeError(f"GlowCNN expects in_shape = (C, H, W), got {tuple(in_shape)}.")
         channels, height, width = (int(s) for s in in_shape)
@@ -76,7 +76,7 @@ class GlowCNN(nn.Module):
         self.norms = nn.ModuleList()
         if actnorm:
             if build is None:
-                raise ValueError("GlowCNN(actnorm=True) needs `build` to create its actnorm layers.")
+                raise ValueError("GlowCNN with actnorm = true needs `build` to create its actnorm layers.")
             self.norms.extend(
                 build(PartRef("transform", "actnorm"), in_shape=(hidden, height, width), context_shape=None)
                 for _ in range(2)
@@ -84,17 +84,7 @@ class GlowCNN(nn.Module):
         self.conv_out = conv(hidden, out_channels, 3, edge_bias=edge_bias)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1)) if output_scale else None
-
-    @classmethod
-    def from_params(
-        cls, params: GlowCNNParams, *, in_shape: Shape, out_channels: int, context_shape: Shape | None = None,
-        build: Any = None,
-    ) -> GlowCNN:
-        """Glow's coupling network: 3x3, 1x1, 3x3 convolutions, zero-initialised output."""
-        return cls(in_shape, out_channels=out_channels, context_shape=context_shape, hidden=params.hidden,
-                   blocks=params.blocks, actnorm=params.actnorm, output_scale=params.output_scale,
-                   edge_bias=params.edge_bias, build=build)
+        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1)) if params.output_scale else None
 
     def _input(self, x: Tensor, context: Tensor | None) -> Tensor:
         if self.context_shape is None:
@@ -157,5 +147,5 @@ class GlowCNN(nn.Module):
 
 @hookimpl
 def flowkit_register_nets(register: Any) -> None:
-    register("glow_cnn", GlowCNN.from_params, params=GlowCNNParams,
+    register("glow_cnn", GlowCNN, params=GlowCNNParams,
              summary="Glow's coupling network: conv 3x3, 1x1, 3x3, zero-initialised output")

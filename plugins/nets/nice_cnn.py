@@ -55,9 +55,10 @@ class NiceCNN(nn.Module):
         >>> net = flowkit.build("net", "nice_cnn", in_shape=(2, 8, 8), out_channels=4, hidden=16)
     """
 
-    def __init__(self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None = None,
-                 hidden: int = 512, kernel: int = 3) -> None:
+    def __init__(self, params: NiceCNNParams, *, in_shape: Shape, out_channels: int,
+                 context_shape: Shape | None = None, build: Any = None) -> None:
         super().__init__()
+        hidden, kernel = params.hidden, params.kernel
         if len(in_shape) != 3:
             raise ShapeError(f"NiceCNN expects in_shape = (C, H, W), got {tuple(in_shape)}.")
         self.in_shape = tuple(int(s) for s in in_shape)
@@ -70,13 +71,6 @@ class NiceCNN(nn.Module):
         self.vector = VectorContext(self.context_shape[0], hidden) if form == "vector" else None
         # Saved with the weights: a restored net is not initialised again.
         self.register_buffer("initialized", torch.tensor(False))
-
-    @classmethod
-    def from_params(cls, params: NiceCNNParams, *, in_shape: Shape, out_channels: int,
-                    context_shape: Shape | None = None, build: Any = None) -> NiceCNN:
-        """MaCow's coupling network: weight-normalised 3x3, 1x1, 3x3 convolutions with ELU."""
-        return cls(in_shape, out_channels=out_channels, context_shape=context_shape, hidden=params.hidden,
-                   kernel=params.kernel)
 
     def _input(self, x: Tensor, context: Tensor | None) -> Tensor:
         if (context is None) != (self.context_shape is None):
@@ -111,5 +105,5 @@ class NiceCNN(nn.Module):
 
 @hookimpl
 def flowkit_register_nets(register: Any) -> None:
-    register("nice_cnn", NiceCNN.from_params, params=NiceCNNParams,
+    register("nice_cnn", NiceCNN, params=NiceCNNParams,
              summary="MaCow's coupling network: weight-normalised conv 3x3, 1x1, 3x3 with ELU, initialised from data")

@@ -69,9 +69,10 @@ class WaveletFlowResNet(nn.Module):
     input (Wavelet Flow's coarse image); a vector one ``(B, Cz)`` is added, projected, to the
     input layer's features (`flowkit.contracts.context.VectorContext`)."""
 
-    def __init__(self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None = None,
-                 hidden: int = 128, blocks: int = 3, kernel: int = 3, build: Any = None) -> None:
+    def __init__(self, params: WaveletFlowResNetParams, *, in_shape: Shape, out_channels: int,
+                 context_shape: Shape | None = None, build: Any = None) -> None:
         super().__init__()
+        hidden, blocks, kernel = params.hidden, params.blocks, params.kernel
         if len(in_shape) != 3:
             raise ShapeError(f"WaveletFlowResNet expects in_shape = (C, H, W), got {tuple(in_shape)}.")
         if build is None:
@@ -94,13 +95,6 @@ class WaveletFlowResNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
         self.out_channels = out_channels
-
-    @classmethod
-    def from_params(cls, params: WaveletFlowResNetParams, *, in_shape: Shape, out_channels: int,
-                    context_shape: Shape | None = None, build: Any = None) -> WaveletFlowResNet:
-        """Wavelet Flow's coupling network: 1x1 input, (kxk, 1x1) residual blocks, actnorm after every conv."""
-        return cls(in_shape, out_channels=out_channels, context_shape=context_shape, hidden=params.hidden,
-                   blocks=params.blocks, kernel=params.kernel, build=build)
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         if (context is None) != (self.form is None):
@@ -135,5 +129,5 @@ class WaveletFlowResNet(nn.Module):
 
 @hookimpl
 def flowkit_register_nets(register: Any) -> None:
-    register("wavelet_flow_resnet", WaveletFlowResNet.from_params, params=WaveletFlowResNetParams,
+    register("wavelet_flow_resnet", WaveletFlowResNet, params=WaveletFlowResNetParams,
              summary="Wavelet Flow's coupling network: 1x1 in, (kxk, 1x1) residual blocks, actnorm after every conv")

@@ -62,21 +62,26 @@ class ConditionalGaussian(Prior):
     N(0, I) for every context. The log-scale is not clamped.
 
     Args:
-        shape: the latent shape without the batch dimension.
-        context_shape: ``(Cc, H, W)`` or ``(Cc,)``.
-        hidden: width of the hidden layer (0: none).
+        params: ``hidden``, the width of the hidden layer (0: none), ``edge_bias`` and ``output_scale``.
+        in_shape: the latent shape without the batch dimension.
+        context_shape: ``(Cc, H, W)`` or ``(Cc,)``; ``None`` raises `ShapeError`.
 
     Example:
-        >>> prior = ConditionalGaussian((3, 4, 4), (2, 4, 4))
+        >>> import flowkit
+        >>> prior = flowkit.build("prior", "conditional_gaussian", in_shape=(3, 4, 4),
+        ...                       context_shape=(2, 4, 4))
         >>> context = torch.randn(5, 2, 4, 4)
         >>> prior.sample(5, context, temperature=0.5).shape
         torch.Size([5, 3, 4, 4])
     """
 
-    def __init__(self, shape: Shape, context_shape: Shape | None, hidden: int = 0, *, edge_bias: bool = False,
-                 output_scale: bool = False) -> None:
+    def __init__(
+        self, params: ConditionalGaussianParams, *, in_shape: Shape, context_shape: Shape | None = None,
+        build: Callable[..., Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.shape = tuple(int(s) for s in shape)
+        hidden, edge_bias = params.hidden, params.edge_bias
+        self.shape = tuple(int(s) for s in in_shape)
         if context_shape is None:
             raise ShapeError(
                 f"The conditional_gaussian prior needs a context, but was built without one for "
@@ -117,16 +122,7 @@ class ConditionalGaussian(Prior):
                 "an image (Cc, H, W) or a vector (Cc,)."
             )
         out_shape = (1, cout, 1, 1) if self.spatial else (1, cout)
-        self.logs = nn.Parameter(torch.zeros(out_shape)) if output_scale else None
-
-    @classmethod
-    def from_params(
-        cls, params: ConditionalGaussianParams, *, in_shape: Shape, context_shape: Shape | None,
-        build: Callable[..., Any] | None = None,
-    ) -> ConditionalGaussian:
-        """A diagonal Gaussian over ``in_shape`` with mean and log-scale from the context."""
-        return cls(in_shape, context_shape, hidden=params.hidden, edge_bias=params.edge_bias,
-                   output_scale=params.output_scale)
+        self.logs = nn.Parameter(torch.zeros(out_shape)) if params.output_scale else None
 
     def _check_context(self, context: Tensor | None, n: int, spatial_size: Shape | None = None) -> Tensor:
         """Raises `ShapeError` unless ``context`` fits; ``spatial_size`` is the latents' (H, W)."""
@@ -201,5 +197,5 @@ class ConditionalGaussian(Prior):
 
 @hookimpl
 def flowkit_register_priors(register: RegisterFn) -> None:
-    register("conditional_gaussian", ConditionalGaussian.from_params, params=ConditionalGaussianParams,
+    register("conditional_gaussian", ConditionalGaussian, params=ConditionalGaussianParams,
              summary="diagonal Gaussian with mean and log-scale from a context (zero-initialised: N(0, I))")

@@ -36,10 +36,13 @@ class StandardGaussian(Prior):
     samples, so ``.to(device)`` and ``.double()`` move it; checkpoints do not contain it.
 
     Args:
-        shape: the shape of one latent, without the batch dimension, e.g. ``(C, H, W)``.
+        params: none (`flowkit.NoParams`).
+        in_shape: the shape of one latent, without the batch dimension, e.g. ``(C, H, W)``.
+        context_shape: accepted for the prior factory's signature; not used.
 
     Example:
-        >>> prior = StandardGaussian((3, 4, 4))
+        >>> import flowkit
+        >>> prior = flowkit.build("prior", "gaussian", in_shape=(3, 4, 4))
         >>> prior.log_prob(torch.zeros(2, 3, 4, 4)).shape
         torch.Size([2])
         >>> prior.sample(5, temperature=0.7).shape
@@ -48,21 +51,16 @@ class StandardGaussian(Prior):
 
     _anchor: Tensor
 
-    def __init__(self, shape: Shape) -> None:
+    def __init__(
+        self, params: NoParams, *, in_shape: Shape, context_shape: Shape | None = None,
+        build: Callable[..., Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = tuple(int(s) for s in in_shape)
         self.context_shape = None
         if not self.shape or min(self.shape) < 1:
             raise ShapeError(f"A Gaussian prior needs a non-empty shape of positive sizes, got {self.shape}.")
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
-
-    @classmethod
-    def from_params(
-        cls, params: NoParams, *, in_shape: Shape, context_shape: Shape | None = None,
-        build: Callable[..., Any] | None = None,
-    ) -> StandardGaussian:
-        """The standard normal N(0, I) over ``in_shape``; a ``context_shape`` is not used."""
-        return cls(in_shape)
 
     def _check(self, z: Tensor, context: Tensor | None) -> None:
         self._check_context_none(context)
@@ -101,5 +99,5 @@ class StandardGaussian(Prior):
 
 @hookimpl
 def flowkit_register_priors(register: RegisterFn) -> None:
-    register("gaussian", StandardGaussian.from_params, params=NoParams,
+    register("gaussian", StandardGaussian, params=NoParams,
              summary="standard normal N(0, I), unconditional")

@@ -45,22 +45,28 @@ class LearnedGaussian(Prior):
     deviation: samples are ``mu + T * sigma * eps``; ``T = 0`` gives the mean.
 
     Args:
-        shape: ``(C, H, W)`` (or any shape whose first entry is the channel count).
-        per: ``"channel"`` or ``"element"``.
+        params: ``per``, ``"channel"`` or ``"element"``.
+        in_shape: ``(C, H, W)`` (or any shape whose first entry is the channel count).
+        context_shape: accepted for the prior factory's signature; not used.
 
     References:
         Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018
         (openai/glow ``model.py``, ``prior()`` with ``learntop``).
 
     Example:
-        >>> prior = LearnedGaussian((3, 4, 4))
+        >>> import flowkit
+        >>> prior = flowkit.build("prior", "learned_gaussian", in_shape=(3, 4, 4))
         >>> prior.log_prob(torch.zeros(2, 3, 4, 4)).shape
         torch.Size([2])
     """
 
-    def __init__(self, shape: Shape, *, per: str = "channel") -> None:
+    def __init__(
+        self, params: LearnedGaussianParams, *, in_shape: Shape, context_shape: Shape | None = None,
+        build: Callable[..., Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.shape = tuple(int(s) for s in shape)
+        per = params.per
+        self.shape = tuple(int(s) for s in in_shape)
         self.context_shape = None
         if not self.shape or min(self.shape) < 1:
             raise ShapeError(f"A learned Gaussian prior needs a non-empty shape of positive sizes, got {self.shape}.")
@@ -70,14 +76,6 @@ class LearnedGaussian(Prior):
         param_shape = (self.shape[0], *([1] * (len(self.shape) - 1))) if per == "channel" else self.shape
         self.loc = nn.Parameter(torch.zeros(param_shape))
         self.log_scale = nn.Parameter(torch.zeros(param_shape))
-
-    @classmethod
-    def from_params(
-        cls, params: LearnedGaussianParams, *, in_shape: Shape, context_shape: Shape | None = None,
-        build: Callable[..., Any] | None = None,
-    ) -> LearnedGaussian:
-        """A Gaussian over ``in_shape`` with learned mean and log-scale; a ``context_shape`` is not used."""
-        return cls(in_shape, per=params.per)
 
     def _check_context_none(self, context: Tensor | None) -> None:
         if context is not None:
@@ -120,5 +118,5 @@ class LearnedGaussian(Prior):
 
 @hookimpl
 def flowkit_register_priors(register: RegisterFn) -> None:
-    register("learned_gaussian", LearnedGaussian.from_params, params=LearnedGaussianParams,
+    register("learned_gaussian", LearnedGaussian, params=LearnedGaussianParams,
              summary="diagonal Gaussian with learned mean and log-scale, zero-initialised (Glow's learntop)")

@@ -71,7 +71,9 @@ class MaskedConvFlow(Transform):
         in_shape: ``(C, H, W)``.
         direction: ``up``, ``down``, ``left`` or ``right``.
         kernel: ``(k, l)``: ``k`` rows of context before the pixel, ``l`` (odd) wide.
-        hidden: channels of the masked convolution.
+        hidden: channels of the masked convolution (0: the reference's width, `default_hidden`).
+        weight_norm: weight-normalised convolutions initialised from data (the reference's
+            ``MCFBlock``), or plain ones with a zero-initialised output layer.
         context_shape: ``(C_ctx, H, W)``, ``(C_z,)`` or ``None``; a context enters the hidden
             layer through a 3x3 convolution, a vector through a zero-initialised linear
             projection (`flowkit.contracts.context`); it does not depend on ``x``, so the
@@ -82,8 +84,8 @@ class MaskedConvFlow(Transform):
     """
 
     def __init__(
-        self, in_shape: Shape, *, direction: str, kernel: tuple[int, int] = (2, 3), hidden: int = 0,
-        context_shape: Shape | None = None, weight_norm: bool = False,
+        self, in_shape: Shape, *, direction: str, kernel: tuple[int, int], hidden: int, weight_norm: bool,
+        context_shape: Shape | None = None,
     ) -> None:
         super().__init__()
         if direction not in DIRECTIONS:

@@ -117,10 +117,8 @@ class FlowPPStep(Sequential):
         >>> step = flowkit.build("step", "flowpp", in_shape=(4, 8, 8))
     """
 
-    @classmethod
-    def from_params(cls, params: FlowPPStepParams, *, in_shape: Shape, context_shape: Shape | None = None,
-                    build: Any) -> FlowPPStep:
-        """Flow++ step: per-element actnorm, a 1x1 convolution per half of the coupling's split, the coupling."""
+    def __init__(self, params: FlowPPStepParams, *, in_shape: Shape, context_shape: Shape | None = None,
+                 build: Any) -> None:
         shapes = {"in_shape": tuple(in_shape), "context_shape": context_shape}
         coupling = build(params.coupling, **shapes)
         coupling_params = params.coupling.params or build.default_params("coupling", params.coupling.use)
@@ -129,12 +127,11 @@ class FlowPPStep(Sequential):
             HalvesInvConv(tuple(in_shape), coupling_params.mask, coupling_params.parity, params.noise, context_shape),
             coupling,
         ]
-        step = cls(parts, context_shape=context_shape)
-        step.in_shape = tuple(in_shape)
-        return step
+        super().__init__(parts, context_shape=context_shape)
+        self.in_shape = tuple(in_shape)
 
 
 @hookimpl
 def flowkit_register_steps(register: Any) -> None:
-    register("flowpp", FlowPPStep.from_params, params=FlowPPStepParams,
+    register("flowpp", FlowPPStep, params=FlowPPStepParams,
              summary="Flow++ step: per-element actnorm, a 1x1 convolution per half of the split, coupling")

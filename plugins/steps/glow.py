@@ -56,11 +56,9 @@ class GlowStep(Sequential):
         >>> step = flowkit.build("step", "glow", in_shape=(4, 8, 8))
     """
 
-    @classmethod
-    def from_params(
-        cls, params: GlowStepParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
-    ) -> GlowStep:
-        """Glow step: actnorm, invertible 1x1 convolution, coupling."""
+    def __init__(
+        self, params: GlowStepParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
+    ) -> None:
         shapes = {"in_shape": tuple(in_shape), "context_shape": context_shape}
         parts: list[Transform] = []
         if params.actnorm:
@@ -70,12 +68,11 @@ class GlowStep(Sequential):
         elif params.invconv == "reverse":
             parts.append(ChannelReverse(context_shape))
         parts.append(build(params.coupling, **shapes))
-        step = cls(parts, context_shape=context_shape)
-        step.in_shape = tuple(in_shape)
-        return step
+        super().__init__(parts, context_shape=context_shape)
+        self.in_shape = tuple(in_shape)
 
 
 @hookimpl
 def flowkit_register_steps(register: Any) -> None:
-    register("glow", GlowStep.from_params, params=GlowStepParams,
+    register("glow", GlowStep, params=GlowStepParams,
              summary="Glow step: actnorm, invertible 1x1 convolution, coupling")

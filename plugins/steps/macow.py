@@ -76,11 +76,9 @@ class MaCowStep(Sequential):
         >>> step = flowkit.build("step", "macow", in_shape=(4, 8, 8), units=1)
     """
 
-    @classmethod
-    def from_params(
-        cls, params: MaCowParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
-    ) -> MaCowStep:
-        """MaCow step: masked convolutional flows in four directions with actnorm, then a Glow step."""
+    def __init__(
+        self, params: MaCowParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
+    ) -> None:
         in_shape = tuple(int(s) for s in in_shape)
         shapes = {"in_shape": in_shape, "context_shape": context_shape}
         kernel = (int(params.kernel[0]), int(params.kernel[1]))
@@ -94,12 +92,11 @@ class MaCowStep(Sequential):
                                    context_shape=context_shape, weight_norm=params.weight_norm)
                 )
         parts.append(build(params.glow, **shapes))
-        step = cls(parts, context_shape=context_shape)
-        step.in_shape = in_shape
-        return step
+        super().__init__(parts, context_shape=context_shape)
+        self.in_shape = in_shape
 
 
 @hookimpl
 def flowkit_register_steps(register: Any) -> None:
-    register("macow", MaCowStep.from_params, params=MaCowParams,
+    register("macow", MaCowStep, params=MaCowParams,
              summary="MaCow step: masked convolutional flows (up, down, left, right) with actnorm, then a Glow step")

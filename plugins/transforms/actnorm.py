@@ -39,38 +39,34 @@ class ActNorm(Transform):
     .. math:: \log|\det \partial z / \partial x| = H W \sum_c \text{log\_scale}_c
 
     Args:
-        num_channels: ``C`` of inputs ``(B, C, H, W)``.
-        scale: standard deviation per channel after initialisation.
+        params: ``scale`` (standard deviation per channel after initialisation) and ``per``.
+        in_shape: ``(C, H, W)`` of inputs ``(B, C, H, W)``; ``H, W`` are used only with ``per = "element"``.
         context_shape: accepted (and checked) for uniformity with couplings; the value is unused.
 
     References:
         Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
 
     Example:
-        >>> t = ActNorm(3)
+        >>> import flowkit
+        >>> t = flowkit.build("transform", "actnorm", in_shape=(3, 4, 4))
         >>> t.initialize(torch.randn(8, 3, 4, 4) * 5 + 1)
         >>> z, logabsdet = t(torch.randn(2, 3, 4, 4))
     """
 
-    def __init__(self, num_channels: int, *, scale: float = 1.0, context_shape: Shape | None = None,
-                 size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, params: ActNormParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any = None
+    ) -> None:
         super().__init__()
+        num_channels = int(in_shape[0])
+        size = (int(in_shape[1]), int(in_shape[2])) if params.per == "element" else None
         self.num_channels = num_channels
-        self.scale = scale
+        self.scale = params.scale
         self.context_shape = context_shape
         self.size = size  # (H, W) of a per-element actnorm; None: per channel
         shape = (1, num_channels, *(size or (1, 1)))
         self.bias = nn.Parameter(torch.zeros(shape))
         self.log_scale = nn.Parameter(torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
-
-    @classmethod
-    def from_params(
-        cls, params: ActNormParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any = None
-    ) -> ActNorm:
-        """Per-channel affine normalisation with data-dependent initialisation (Glow)."""
-        size = (int(in_shape[1]), int(in_shape[2])) if params.per == "element" else None
-        return cls(int(in_shape[0]), scale=params.scale, context_shape=context_shape, size=size)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.num_channels or (self.size and tuple(x.shape[2:]) != self.size):
@@ -117,5 +113,5 @@ class ActNorm(Transform):
 
 @hookimpl
 def flowkit_register_transforms(register: Any) -> None:
-    register("actnorm", ActNorm.from_params, params=ActNormParams,
+    register("actnorm", ActNorm, params=ActNormParams,
              summary="per-channel scale and bias with data-dependent initialisation (Glow)")

@@ -32,20 +32,24 @@ class InvConv1x1(Transform):
     .. math:: \log|\det \partial z / \partial x| = H W \log|\det W| = H W \sum_c \log s_c\ \text{(LU)}
 
     Args:
-        num_channels: ``C`` of inputs ``(B, C, H, W)``.
-        lu: use the LU parametrisation.
+        params: ``lu``, whether to use the LU parametrisation.
+        in_shape: ``(C, H, W)``; ``C`` of inputs ``(B, C, H, W)`` (any ``H, W``).
         context_shape: accepted (and checked) for uniformity with couplings; the value is unused.
 
     References:
         Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
 
     Example:
-        >>> t = InvConv1x1(4)
+        >>> import flowkit
+        >>> t = flowkit.build("transform", "invconv", in_shape=(4, 8, 8))
         >>> z, logabsdet = t(torch.randn(2, 4, 8, 8))
     """
 
-    def __init__(self, num_channels: int, *, lu: bool = True, context_shape: Shape | None = None) -> None:
+    def __init__(
+        self, params: InvConvParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any = None
+    ) -> None:
         super().__init__()
+        num_channels, lu = int(in_shape[0]), params.lu
         self.num_channels = num_channels
         self.lu = lu
         self.context_shape = context_shape
@@ -60,13 +64,6 @@ class InvConv1x1(Transform):
             self.log_s = nn.Parameter(torch.log(torch.abs(diag)))
         else:
             self.weight = nn.Parameter(rotation)
-
-    @classmethod
-    def from_params(
-        cls, params: InvConvParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any = None
-    ) -> InvConv1x1:
-        """Invertible 1x1 convolution (Glow), LU-decomposed or plain."""
-        return cls(int(in_shape[0]), lu=params.lu, context_shape=context_shape)
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         eye = torch.eye(self.num_channels, dtype=self.lower.dtype, device=self.lower.device)
@@ -132,5 +129,5 @@ class InvConv1x1(Transform):
 
 @hookimpl
 def flowkit_register_transforms(register: Any) -> None:
-    register("invconv", InvConv1x1.from_params, params=InvConvParams,
+    register("invconv", InvConv1x1, params=InvConvParams,
              summary="invertible 1x1 convolution (Glow), LU-decomposed or plain")

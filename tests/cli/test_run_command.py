@@ -140,7 +140,7 @@ class Exploding(WaveletFlow):
 
 @hookimpl
 def flowkit_register_models(register):
-    register("exploding", Exploding.from_params, params=WaveletFlowParams)
+    register("exploding", Exploding, params=WaveletFlowParams)
 '''
 
 

@@ -115,61 +115,46 @@ class SplineCoupling(Transform):
     At initialisation (a zero last layer in the net) every spline is the identity.
 
     Args:
-        conditioner: the net, wrapped as nflows' ``transform_net``.
+        params: ``mask`` (``"channel"``: any ``H, W``, needs ``C >= 2``; ``"checkerboard"``: any
+            ``C``, built for one ``H, W``), ``parity``, ``bins``, ``bound`` (the spline interval's
+            half-width) and the ``net``.
         in_shape: ``(C, H, W)``.
-        mask: ``"channel"`` (any ``H, W``; needs ``C >= 2``) or ``"checkerboard"`` (any ``C``,
-            built for one ``H, W``).
-        parity: which half is transformed.
-        bins: spline bins.
-        bound: the spline interval's half-width.
         context_shape: shape of the context without the batch dimension, or ``None``.
+        build: builds the net, another registered part.
 
     References:
         Durkan, Bekasov, Murray, Papamakarios. "Neural Spline Flows." NeurIPS 2019.
     """
 
     def __init__(
-        self, conditioner: SplineConditioner, *, in_shape: Shape, mask: str, parity: int, bins: int,
-        bound: float, context_shape: Shape | None = None,
+        self, params: SplineParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
     ) -> None:
         super().__init__()
-        channels, height, width = in_shape
+        channels, height, width = (int(s) for s in in_shape)
+        mask, parity, bins = params.mask, params.parity, params.bins
         self.in_shape, self.mask_kind, self.parity = (channels, height, width), mask, parity
         self.context_shape = context_shape
+        values = 3 * bins - 1
         if mask == "channel":
-            # nflows transforms the features whose mask is > 0: here, one half of the channels.
-            first = channels // 2
-            transformed = torch.arange(channels) >= first if parity == 0 else torch.arange(channels) < first
-        else:
-            transformed = ~checkerboard(height, width, parity)[0].expand(in_shape).reshape(-1)
-        self.spline = PiecewiseRationalQuadraticCouplingTransform(
-            mask=transformed.int(), transform_net_create_fn=lambda n_cond, n_out: conditioner,
-            num_bins=bins, tails="linear", tail_bound=bound,
-        )
-
-    @classmethod
-    def from_params(
-        cls, params: SplineParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
-    ) -> SplineCoupling:
-        """Rational-quadratic spline coupling (Neural Spline Flows), channel or checkerboard mask."""
-        channels, height, width = (int(s) for s in in_shape)
-        values = 3 * params.bins - 1
-        board = None
-        if params.mask == "channel":
             if channels < 2:
                 raise ShapeError(f"spline cannot split in_shape {tuple(in_shape)} in channel halves: "
                                  'use mask = "checkerboard" for one-channel images.')
-            cond = channels // 2 if params.parity == 0 else channels - channels // 2
-            net_in, out_channels = (cond, height, width), (channels - cond) * values
+            # nflows transforms the features whose mask is > 0: here, one half of the channels.
+            first = channels // 2
+            transformed = torch.arange(channels) >= first if parity == 0 else torch.arange(channels) < first
+            cond = first if parity == 0 else channels - first
+            board, net_in, out_channels = None, (cond, height, width), (channels - cond) * values
         else:
-            board = checkerboard(height, width, params.parity)[0]
-            net_in, out_channels = (channels, height, width), channels * values
+            board = checkerboard(height, width, parity)[0]
+            transformed = ~board.expand(self.in_shape).reshape(-1)
+            net_in, out_channels = self.in_shape, channels * values
         # The net is another registered part: `build` makes it, so this plugin imports none.
         net = build(params.net, in_shape=net_in, context_shape=context_shape, out_channels=out_channels)
-        conditioner = SplineConditioner(net, in_shape=(channels, height, width), bins=params.bins,
-                                        board=board)
-        return cls(conditioner, in_shape=(channels, height, width), mask=params.mask, parity=params.parity,
-                   bins=params.bins, bound=params.bound, context_shape=context_shape)
+        conditioner = SplineConditioner(net, in_shape=self.in_shape, bins=bins, board=board)
+        self.spline = PiecewiseRationalQuadraticCouplingTransform(
+            mask=transformed.int(), transform_net_create_fn=lambda n_cond, n_out: conditioner,
+            num_bins=bins, tails="linear", tail_bound=params.bound,
+        )
 
     def _check_input(self, x: Tensor) -> None:
         c, h, w = self.in_shape
@@ -216,6 +201,6 @@ class SplineCoupling(Transform):
 
 @hookimpl
 def flowkit_register_couplings(register: Any) -> None:
-    register("spline", SplineCoupling.from_params, params=SplineParams,
+    register("spline", SplineCoupling, params=SplineParams,
              summary="rational-quadratic spline coupling (Neural Spline Flows, via nflows), channel or "
                      "checkerboard mask")

@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowkit import ShapeError
+from flowkit import NoParams, ShapeError
 from flowkit.testing import check_decomposition
 from flowkit_plugins.decompositions.daubechies import DaubechiesDecomposition
 from flowkit_plugins.decompositions.haar import HaarDecomposition
 
-DECOMPOSITIONS = {"haar": HaarDecomposition()} | {
+DECOMPOSITIONS = {"haar": HaarDecomposition(NoParams())} | {
     f"db{order}": DaubechiesDecomposition(order) for order in range(2, 9)
 }
 NAMES = sorted(DECOMPOSITIONS)

@@ -9,6 +9,7 @@ import pytest
 import pywt
 import torch
 
+from flowkit import NoParams
 from flowkit_plugins.decompositions._dwt import DWT2Decomposition
 from flowkit_plugins.decompositions.daubechies import DaubechiesDecomposition
 from flowkit_plugins.decompositions.haar import HaarDecomposition
@@ -20,7 +21,7 @@ ATOL = 1e-10
 
 
 def make(wavelet: str) -> DWT2Decomposition:
-    return HaarDecomposition() if wavelet == "haar" else DaubechiesDecomposition(int(wavelet[2:]))
+    return HaarDecomposition(NoParams()) if wavelet == "haar" else DaubechiesDecomposition(int(wavelet[2:]))
 
 
 def pywt_split(x: torch.Tensor, wavelet: str) -> tuple[np.ndarray, np.ndarray]:
@@ -91,9 +92,9 @@ def test_two_levels_match_pywt_wavedec2(wavelet, size):
 def test_detail_bands_follow_pywt_order_ch_cv_cd():
     # A ramp along H has only a horizontal-edge response (cH); one along W only cV.
     rows = torch.arange(4, dtype=torch.float64).reshape(1, 1, 4, 1).expand(1, 1, 4, 4)
-    _, detail, _ = HaarDecomposition().split(rows)
+    _, detail, _ = HaarDecomposition(NoParams()).split(rows)
     assert detail[0, 0].abs().min() > 0.5
     torch.testing.assert_close(detail[0, 1:], torch.zeros(2, 2, 2, dtype=torch.float64), atol=1e-12, rtol=0)
-    _, detail, _ = HaarDecomposition().split(rows.transpose(2, 3))
+    _, detail, _ = HaarDecomposition(NoParams()).split(rows.transpose(2, 3))
     assert detail[0, 1].abs().min() > 0.5
     torch.testing.assert_close(detail[0, 0::2], torch.zeros(2, 2, 2, dtype=torch.float64), atol=1e-12, rtol=0)

@@ -203,7 +203,7 @@ class _ConstantLatentModel(DensityModel, LatentVariable):
 def test_the_objectives_importance_weighted_estimate_uses_the_models_weights() -> None:
     from flowkit.runs.objective import Objective
 
-    objective = Objective(_ConstantLatentModel(), UniformDequantizer(), n_bits=3, num_dims=4)
+    objective = Objective(_ConstantLatentModel(), UniformDequantizer(flowkit.NoParams()), n_bits=3, num_dims=4)
     x = torch.randint(0, 8, (2, 1, 2, 2))
     offset = 4 * 3 * math.log(2.0)
     torch.testing.assert_close(objective.iw_log_likelihood(x, 4), torch.full((2,), 5.0 - offset, dtype=torch.float64))

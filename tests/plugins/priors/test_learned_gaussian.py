@@ -7,7 +7,6 @@ import torch
 
 import flowkit
 from flowkit.testing import check_prior
-from flowkit_plugins.priors.learned_gaussian import LearnedGaussian
 
 
 def test_starts_as_the_standard_normal():
@@ -30,7 +29,7 @@ def test_log_prob_matches_torch_normal_with_learned_mean_and_scale(per, param_sh
 
 
 def test_temperature_scales_the_standard_deviation_and_zero_gives_the_mean():
-    prior = LearnedGaussian((2, 8, 8))
+    prior = flowkit.build("prior", "learned_gaussian", in_shape=(2, 8, 8))
     with torch.no_grad():
         prior.loc.copy_(torch.tensor([1.0, -2.0]).view(2, 1, 1))
         prior.log_scale.copy_(torch.tensor([0.0, 0.5]).view(2, 1, 1))
@@ -45,7 +44,7 @@ def test_temperature_scales_the_standard_deviation_and_zero_gives_the_mean():
 
 
 def test_both_parameters_are_trained():
-    prior = LearnedGaussian((2, 3, 3))
+    prior = flowkit.build("prior", "learned_gaussian", in_shape=(2, 3, 3))
     prior.log_prob(torch.randn(4, 2, 3, 3) + 1).sum().backward()
     assert prior.loc.grad is not None and prior.loc.grad.abs().sum() > 0
     assert prior.log_scale.grad is not None and prior.log_scale.grad.abs().sum() > 0
@@ -61,17 +60,17 @@ def test_is_unconditional():
 
 
 def test_wrong_latent_shape_is_refused():
-    prior = LearnedGaussian((2, 3, 3), per="element")
+    prior = flowkit.build("prior", "learned_gaussian", in_shape=(2, 3, 3), per="element")
     with pytest.raises(flowkit.ShapeError, match=r"\(B, 2, 3, 3\)"):
         prior.log_prob(torch.zeros(1, 2, 4, 4))
     with pytest.raises(flowkit.ShapeError, match=r"\(B, 2, \.\.\.\)"):
-        LearnedGaussian((2, 3, 3)).log_prob(torch.zeros(1, 3, 3, 3))
+        flowkit.build("prior", "learned_gaussian", in_shape=(2, 3, 3)).log_prob(torch.zeros(1, 3, 3, 3))
 
 
 def test_per_channel_takes_any_spatial_size_as_a_crop_of_the_same_density():
     """Wavelet Flow's top levels train on crops: per channel the density factorises over
     positions, so a crop's log-density is the sum over its own positions."""
-    prior = LearnedGaussian((2, 4, 4))
+    prior = flowkit.build("prior", "learned_gaussian", in_shape=(2, 4, 4))
     with torch.no_grad():
         prior.loc.normal_()
         prior.log_scale.normal_()

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import flowkit
 from flowkit.testing import check_gradients, check_prior, randomize_
 from flowkit_plugins.priors.conditional_gaussian import ConditionalGaussian
-from flowkit_plugins.priors.gaussian import StandardGaussian
 
 SHAPE = (3, 4, 4)
 # (context shape, hidden): image and vector contexts, with and without a hidden layer.
@@ -35,7 +34,7 @@ def _inputs(context_shape: tuple[int, ...], batch: int = 3, seed: int = 0) -> tu
 def test_at_init_it_is_the_standard_gaussian(context_shape: tuple[int, ...], hidden: int) -> None:
     prior = _build(context_shape, hidden)
     z, context = _inputs(context_shape)
-    expected = StandardGaussian(SHAPE).double().log_prob(z)
+    expected = flowkit.build("prior", "gaussian", in_shape=SHAPE).double().log_prob(z)
     torch.testing.assert_close(prior.log_prob(z, context), expected, atol=1e-12, rtol=0)
     assert torch.equal(prior.mean(3, context), torch.zeros(3, *SHAPE, dtype=torch.float64))
 
@@ -142,7 +141,7 @@ def test_built_without_context_is_refused() -> None:
 @pytest.mark.parametrize("context_shape", [(2, 2, 4), (2, 4, 8), (2, 4), (1, 2, 4, 4)])
 def test_context_shape_that_does_not_fit_is_refused(context_shape: tuple[int, ...]) -> None:
     with pytest.raises(flowkit.ShapeError, match=r"context shape|image context"):
-        ConditionalGaussian(SHAPE, context_shape)
+        flowkit.build("prior", "conditional_gaussian", in_shape=SHAPE, context_shape=context_shape)
 
 
 def test_negative_hidden_is_a_recipe_error() -> None:

@@ -96,6 +96,6 @@ def test_wrong_latent_shape_is_refused(prior: StandardGaussian, shape: tuple[int
 
 
 def test_vector_latents_work() -> None:
-    prior = StandardGaussian((5,))
+    prior = flowkit.build("prior", "gaussian", in_shape=(5,))
     torch.testing.assert_close(prior.log_prob(torch.ones(3, 5)),
                                torch.full((3,), -2.5 - 2.5 * math.log(2 * math.pi)), atol=1e-5, rtol=0)

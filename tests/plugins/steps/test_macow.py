@@ -14,7 +14,8 @@ SMALL_GLOW = {"use": "glow", "coupling": {"use": "affine", "net": {"use": "glow_
 
 
 def _mcf(direction: str, kernel=(2, 3), context_shape=None, shape=(2, 4, 4)) -> MaskedConvFlow:
-    flow = MaskedConvFlow(shape, direction=direction, kernel=kernel, context_shape=context_shape).double()
+    flow = MaskedConvFlow(shape, direction=direction, kernel=kernel, hidden=0, weight_norm=False,
+                          context_shape=context_shape).double()
     randomize_(flow, 0.3)  # the zero last layer would make the flow a plain scaling
     return flow
 
@@ -62,7 +63,7 @@ def test_masked_conv_flow_jacobian_is_triangular_in_its_direction(direction):
 
 
 def test_masked_conv_flow_starts_as_a_sigmoid_two_scaling():
-    flow = MaskedConvFlow((3, 4, 4), direction="up")
+    flow = MaskedConvFlow((3, 4, 4), direction="up", kernel=(2, 3), hidden=0, weight_norm=False)
     x = torch.randn(2, 3, 4, 4)
     z, logabsdet = flow(x)
     torch.testing.assert_close(z, x * torch.sigmoid(torch.tensor(2.0)), atol=1e-6, rtol=1e-6)
@@ -135,7 +136,7 @@ def test_weight_normalised_masked_conv_flow_initialises_as_the_reference_and_sta
     starts as x * sigmoid(2); once initialised (and trained) it is still exactly invertible with
     the brute-force log-det."""
     torch.manual_seed(0)
-    flow = MaskedConvFlow((3, 6, 6), direction=direction, kernel=(2, 3), weight_norm=True).double()
+    flow = MaskedConvFlow((3, 6, 6), direction=direction, kernel=(2, 3), hidden=0, weight_norm=True).double()
     x = torch.randn(32, 3, 6, 6, dtype=torch.float64) * 2 + 1
     flow.initialize(x)
     hidden = flow.conv(flow._shifted(_to_canonical(x, direction))).transpose(0, 1).reshape(12, -1)
