@@ -1,132 +1,87 @@
-"""The architecture, checked on the source: the core never imports a plugin, imports only go
-downwards (cli → runs → models → registry/recipes → contracts), and no package is left out of
-the wheel."""
+"""The architecture, checked on the source by import-linter: the contracts in pyproject.toml
+(flowkit's layers, no import cycle, private modules stay private, the core imports no plugin,
+plugins import no other plugin) hold, they cover every module, they can fail, and no package is
+left out of the wheel."""
 
 from __future__ import annotations
 
-import ast
+import os
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "flowkit"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+CONTRACTS = {c["id"]: c for c in PYPROJECT["tool"]["importlinter"]["contracts"]}
 
-#: Module prefix → the flowkit packages it must never import (runtime imports; imports under
-#: ``if TYPE_CHECKING:`` are annotations only and are allowed).
-FORBIDDEN = {
-    "flowkit.contracts": ("flowkit.recipes", "flowkit.registry", "flowkit.plugins", "flowkit.models",
-                          "flowkit.runs", "flowkit.cli", "flowkit.api"),
-    "flowkit.errors": ("flowkit.recipes", "flowkit.registry", "flowkit.plugins", "flowkit.models",
-                       "flowkit.runs", "flowkit.cli", "flowkit.api"),
-    "flowkit.params": ("flowkit.recipes", "flowkit.registry", "flowkit.plugins", "flowkit.models",
-                       "flowkit.runs", "flowkit.cli", "flowkit.api"),
-    "flowkit.kinds": ("flowkit.recipes", "flowkit.registry", "flowkit.plugins", "flowkit.models",
-                      "flowkit.runs", "flowkit.cli", "flowkit.api"),
-    "flowkit.hookspecs": ("flowkit.recipes", "flowkit.models", "flowkit.runs", "flowkit.cli", "flowkit.api"),
-    "flowkit.registry": ("flowkit.recipes", "flowkit.plugins", "flowkit.models", "flowkit.runs", "flowkit.cli",
-                         "flowkit.api"),
-    "flowkit.recipes": ("flowkit.models", "flowkit.runs", "flowkit.cli"),
-    "flowkit.models": ("flowkit.runs", "flowkit.cli"),
-    "flowkit.runs": ("flowkit.cli", "flowkit.bench"),
-    "flowkit.bench": ("flowkit.cli",),
+
+def lint_imports(root: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``lint-imports`` on the packages importable from ``root`` with ``root/pyproject.toml``."""
+    script = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", script, "--config", str(root / "pyproject.toml"), "--no-cache"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_lint_imports_keeps_every_contract() -> None:
+    result = lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(CONTRACTS)} kept, 0 broken" in result.stdout
+
+
+def test_every_top_level_module_of_flowkit_is_in_a_layer() -> None:
+    declared = set(CONTRACTS["layers"]["layers"])
+    present = {p.stem for p in CORE.glob("*.py") if p.name != "__init__.py"}
+    present |= {p.name for p in CORE.iterdir() if (p / "__init__.py").is_file()}
+    assert present == declared, (f"in no layer: {sorted(present - declared)}; "
+                                 f"declared but absent: {sorted(declared - present)}")
+
+
+def test_every_entry_point_is_an_independent_plugin() -> None:
+    entry_points = set(PYPROJECT["project"]["entry-points"]["flowkit"].values())
+    assert set(CONTRACTS["plugins-independent"]["modules"]) == entry_points
+    kinds = {f"flowkit_plugins.{p.name}" for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").is_file()}
+    assert set(CONTRACTS["kinds-independent"]["modules"]) == kinds
+
+
+#: Imports planted in a copy of the tree, each breaking one contract.
+PLANTED = {
+    "layers": ("flowkit/errors.py", "from flowkit.cli import public\n"),
+    "acyclic": ("flowkit/runs/bpd.py", "def _late():\n    from flowkit.runs import execute\n"),
+    "core-imports-no-plugin": ("flowkit/runs/images.py", "import flowkit_plugins.couplings.affine\n"),
+    "plugins-independent": ("flowkit_plugins/couplings/additive.py", "from flowkit_plugins.couplings import affine\n"),
+    "kinds-independent": ("flowkit_plugins/priors/gaussian.py", "import flowkit_plugins.nets.glow_cnn\n"),
+    "private": ("flowkit_plugins/nets/glow_cnn.py", "from flowkit_plugins.datasets import _arrays\n"),
 }
 
 
-def _module_name(path: Path, root: Path = ROOT) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def _imports(path: Path, *, runtime_only: bool, root: Path = ROOT) -> list[tuple[int, str]]:
-    """(line, imported module) for every import in ``path``, relative imports resolved."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    module = _module_name(path, root)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    skipped: set[int] = set()
-    if runtime_only:
-        for node in ast.walk(tree):
-            if isinstance(node, ast.If) and _is_type_checking(node):
-                skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
-    found = []
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            found.append((node.lineno, base))
-            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
-            func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
-                found.append((node.lineno, node.args[0].value))
-    return found
-
-
-CORE_FILES = sorted(CORE.rglob("*.py"))
-
-
-def test_core_files_are_found() -> None:
-    assert CORE / "plugins.py" in CORE_FILES and CORE / "cli" / "__init__.py" in CORE_FILES
-
-
-@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_core_never_imports_flowkit_plugins(path: Path) -> None:
-    bad = [(line, name) for line, name in _imports(path, runtime_only=False)
-           if name == "flowkit_plugins" or name.startswith("flowkit_plugins.")]
-    assert not bad, f"{path.relative_to(ROOT)} imports a plugin: {bad}"
-
-
-@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_core_imports_only_go_downwards(path: Path) -> None:
-    module = _module_name(path)
-    rules = [banned for prefix, banned in FORBIDDEN.items() if module == prefix or module.startswith(prefix + ".")]
-    bad = [
-        (line, name) for line, name in _imports(path, runtime_only=True)
-        for banned in rules for target in banned
-        if name == target or name.startswith(target + ".")
-    ]
-    assert not bad, f"{module} imports an upper layer: {sorted(set(bad))}"
-
-
-def test_the_import_checker_can_fail(tmp_path: Path) -> None:
-    source = tmp_path / "flowkit" / "recipes" / "bad.py"
-    source.parent.mkdir(parents=True)
-    source.write_text(
-        "import importlib\n"
-        "from ..runs import trainer\n"
-        "from . import schema\n"
-        "if TYPE_CHECKING:\n"
-        "    import flowkit.cli\n"
-        "def load():\n"
-        "    return importlib.import_module('flowkit_plugins.couplings.affine')\n"
-    )
-    runtime = [name for _, name in _imports(source, runtime_only=True, root=tmp_path)]
-    assert runtime == ["importlib", "flowkit.runs", "flowkit.runs.trainer", "flowkit.recipes",
-                       "flowkit.recipes.schema", "flowkit_plugins.couplings.affine"]
-    assert "flowkit.cli" in [name for _, name in _imports(source, runtime_only=False, root=tmp_path)]
+def test_a_planted_import_breaks_its_contract_and_only_its_own(tmp_path: Path) -> None:
+    assert set(PLANTED) == set(CONTRACTS), "every contract needs a planted import that breaks it"
+    # A copy of the tree under the import names (plugins/ is flowkit_plugins), first on the path.
+    shutil.copytree(CORE, tmp_path / "flowkit", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "plugins", tmp_path / "flowkit_plugins", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    clean = lint_imports(tmp_path, env)
+    assert clean.returncode == 0, "the copy itself keeps every contract: " + clean.stdout
+    for relative, line in PLANTED.values():
+        with open(tmp_path / relative, "a", encoding="utf-8") as f:
+            f.write("\n" + line)
+    result = lint_imports(tmp_path, env)
+    assert result.returncode != 0
+    report = "".join(result.stdout.split())  # rich wraps long names anywhere: compare without whitespace
+    for contract_id in PLANTED:
+        name = "".join(CONTRACTS[contract_id]["name"].split())
+        assert f"{name}BROKEN" in report, f"{contract_id} was not broken by its planted import:\n{result.stdout}"
+    assert f"0kept,{len(PLANTED)}broken" in report
 
 
 def _package_dirs() -> dict[Path, str]:
     """Every directory holding Python files under flowkit/ and plugins/, by its import name."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    package_dir = pyproject["tool"]["setuptools"]["package-dir"]
+    package_dir = PYPROJECT["tool"]["setuptools"]["package-dir"]
     found = {}
     for import_root, directory in package_dir.items():
         for py in (ROOT / directory).rglob("*.py"):
@@ -138,7 +93,7 @@ def _package_dirs() -> dict[Path, str]:
 
 
 def test_every_package_is_listed_in_pyproject() -> None:
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     packages = _package_dirs()
     assert "flowkit.cli" in packages.values() and "flowkit_plugins.couplings" in packages.values()
     missing = sorted(set(packages.values()) - listed)
