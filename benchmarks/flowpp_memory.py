@@ -51,6 +51,7 @@ def run_one(device: str, variant: str, batch: int, steps: int, preset: str) -> d
     import flowkit
     from flowkit.api import default_plugins
     from flowkit.build import Builder
+    from flowkit.runs.bpd import bits_per_dim
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -86,7 +87,7 @@ def run_one(device: str, variant: str, batch: int, steps: int, preset: str) -> d
         with attention(), autocast():
             y, log_q = deq(x, n_bits)
             log_p = model.log_prob(y)
-        loss = ((-log_p + log_q) / (dims * math.log(2)) + n_bits).mean()
+        loss = bits_per_dim(log_p, dims, n_bits, log_q).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -22,7 +22,7 @@ from flowkit.plugins import Plugins, make_plugins
 from flowkit.recipes.load import Recipe
 from flowkit.recipes.load import load_recipe as _load_recipe
 from flowkit.recipes.schema import validate_part
-from flowkit.recipes.toml_write import dumps
+from flowkit.recipes.toml_write import toml_value
 from flowkit.registry import Registries
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def override_strings(overrides: Mapping[str, Any] | Sequence[str]) -> tuple[str,
                 add(f"{key}.{sub}", v)
             return
         try:
-            text = dumps({"v": value}).removeprefix("v = ").strip()
+            text = toml_value(value)
         except TypeError:
             raise RecipeError(f"override {key} = {value!r} is not a value a recipe can hold; use a bool, int, "
                               "float, string, or a list of them.") from None

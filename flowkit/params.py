@@ -109,37 +109,66 @@ def params_to_toml(params: Any) -> dict[str, Any]:
     return table
 
 
-# -- what recipes can hold: checked when a plugin registers a part ------------------------------
+# -- what recipes can hold: the one table of accepted field types ------------------------------
 
-#: The scalar types a recipe value can have (TOML's, without dates and tables).
-RECIPE_SCALARS: tuple[type, ...] = (bool, int, float, str)
+#: The scalar types a recipe value can have (TOML's, without dates and tables), by name.
+RECIPE_SCALARS: dict[type, str] = {bool: "bool", int: "int", float: "float", str: "str"}
 
 #: The types a Params field may have, in words, for error messages and docs.
 RECIPE_TYPES = ("bool, int, float, str, Literal[...] of one of those, tuple[T, ...] of those, or a nested "
                 "part declared with part_field(kind, ...)")
 
 
-def _type_problem(tp: Any) -> str | None:
-    """Why a recipe cannot hold a value of type ``tp``, or None if it can.
+@dataclass(frozen=True)
+class FieldType:
+    """A Params field's annotation as recipes see it: one of the accepted types.
 
-    Mirrors what `flowkit.recipes.schema` validates: a type outside this list registers fine
-    but fails on the first recipe that sets it, so it is refused at registration instead.
+    ``form`` is ``"scalar"`` (``scalar`` is bool, int, float or str), ``"choice"``
+    (``Literal[...]``: ``choices``, all of type ``scalar``), ``"list"`` (``tuple[T, ...]``:
+    ``item`` is T's FieldType) or ``"part"`` (a `PartRef`, declared with `part_field`). The
+    recipe validator (`flowkit.recipes.schema`) converts values by it, `flowkit parts` names it,
+    and the registry refuses, when a plugin registers a part, any annotation `field_type` rejects.
     """
+
+    form: Literal["scalar", "choice", "list", "part"]
+    scalar: type | None = None
+    choices: tuple[Any, ...] = ()
+    item: FieldType | None = None
+
+    @property
+    def name(self) -> str:
+        """The type in words, as `flowkit parts` and error messages print it."""
+        if self.form == "choice":
+            return " | ".join(repr(c).replace("'", '"') for c in self.choices)
+        if self.form == "list":
+            return f"list of {self.item.name}"  # type: ignore[union-attr]
+        if self.form == "part":
+            return "part"
+        return RECIPE_SCALARS[self.scalar]  # type: ignore[index]
+
+
+def field_type(tp: Any) -> FieldType:
+    """The `FieldType` of annotation ``tp``; a TypeError saying why a recipe cannot hold it."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
         kinds = {type(c) for c in choices}
         if len(kinds) != 1 or not kinds <= set(RECIPE_SCALARS):
-            return f"Literal{list(choices)!r} mixes types or holds values TOML has no type for"
-        return None
+            raise TypeError(f"Literal{list(choices)!r} mixes types or holds values TOML has no type for")
+        return FieldType("choice", next(iter(kinds)), choices)
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) != 2 or args[1] is not Ellipsis:
-            return f"{tp!r} is a fixed-length tuple; recipes give lists of any length (use tuple[T, ...])"
-        return _type_problem(args[0])
+            raise TypeError(f"{tp!r} is a fixed-length tuple; recipes give lists of any length (use tuple[T, ...])")
+        item = field_type(args[0])
+        if item.form == "part":
+            raise TypeError(f"{tp!r} is a list of parts; recipes nest parts one per field (part_field)")
+        return FieldType("list", item=item)
+    if tp is PartRef:
+        return FieldType("part")
     if tp in RECIPE_SCALARS:
-        return None
-    return "recipes cannot hold it"
+        return FieldType("scalar", tp)
+    raise TypeError("recipes cannot hold it")
 
 
 def params_field_problems(params_cls: type, kinds: Iterable[str]) -> list[str]:
@@ -164,8 +193,9 @@ def params_field_problems(params_cls: type, kinds: Iterable[str]) -> list[str]:
             problems.append(f'field "{f.name}" is a PartRef without part_field(kind, ...): recipes cannot tell '
                             "which kind of part it names")
             continue
-        why = _type_problem(tp)
-        if why:
+        try:
+            field_type(tp)
+        except TypeError as why:
             problems.append(f'field "{f.name}" has type {tp!r}: {why}')
     return problems
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 import click
@@ -17,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flowkit.cli.console import console
+from flowkit.recipes.toml_write import toml_value
 from flowkit.cli.public import get_plugins
 from flowkit.kinds import KINDS
 from flowkit.params import PartRef
@@ -54,20 +54,6 @@ def field_records(params_cls: type) -> list[dict[str, Any]]:
     return records
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a TOML basic string
-
-
 def example_toml(part: Part) -> str:
     """A recipe table that selects ``part`` with every parameter at its default."""
     header = KINDS[part.kind].example if part.kind in KINDS else f"model.{part.kind}"
@@ -77,12 +63,12 @@ def example_toml(part: Part) -> str:
         if record["required"]:
             lines.append(f"# {record['name']} = ...  (required: {record['type']})")
         else:
-            lines.append(f"{record['name']} = {_toml_value(record['default'])}")
+            lines.append(f"{record['name']} = {toml_value(record['default'])}")
     return "\n".join(lines)
 
 
 def show_default(record: dict[str, Any]) -> str:
-    return "(required)" if record["required"] else _toml_value(record["default"])
+    return "(required)" if record["required"] else toml_value(record["default"])
 
 
 def show_type(record: dict[str, Any]) -> str:

@@ -1,8 +1,7 @@
 """Validation of TOML tables against Params dataclasses, with every problem reported at once.
 
-Types allowed in Params: bool, int, float, str, Literal[...], tuple[T, ...] of those, and
-nested parts (`PartRef`, declared with `flowkit.params.part_field`). An int is accepted
-where a float is expected; a bool is never accepted as a number.
+The types allowed in Params are stated once, in `flowkit.params.field_type`; here values are
+converted to them. An int is accepted where a float is expected; a bool is never a number.
 """
 
 from __future__ import annotations
@@ -11,10 +10,10 @@ import dataclasses
 import difflib
 import math
 import typing
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, get_args
 
 from flowkit.errors import RecipeError, UnknownPartError
-from flowkit.params import DERIVED, PartRef, declared_copies, make_copy, paths_of_kind
+from flowkit.params import DERIVED, PartRef, declared_copies, field_type, make_copy, paths_of_kind
 from flowkit.registry import Registries
 
 RESERVED = "use"
@@ -23,15 +22,8 @@ INHERITED = "__inherited__"
 
 
 def type_name(tp: Any) -> str:
-    """A human name of a Params field type, as `flowkit parts` prints it."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a).replace("'", '"') for a in get_args(tp))
-    if origin is tuple:
-        return f"list of {type_name(get_args(tp)[0])}"
-    if tp is PartRef:
-        return "part"
-    return getattr(tp, "__name__", str(tp))
+    """A human name of a Params field type, as `flowkit parts` prints it (`flowkit.params.FieldType`)."""
+    return field_type(tp).name
 
 
 def field_types(params_cls: type) -> dict[str, Any]:
@@ -48,9 +40,11 @@ def _show(value: Any) -> str:
 
 
 def _check_scalar(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
-    origin = get_origin(tp)
-    if origin is Literal:
-        choices = get_args(tp)
+    """``value`` converted to the field type ``tp`` (`flowkit.params.field_type`), or None after
+    appending the problem (the key, the value, what was expected)."""
+    expected = field_type(tp)
+    if expected.form == "choice":
+        choices = expected.choices
         if value in choices and type(value) is type(choices[0]):
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -58,31 +52,28 @@ def _check_scalar(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         allowed = ", ".join(_show(c) for c in choices)
         problems.append(f"{key} = {_show(value)} is not allowed.{hint} Allowed: {allowed}.")
         return None
-    if origin is tuple:
+    if expected.form == "list":
         inner = get_args(tp)[0]
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key} = {_show(value)} should be a list of {type_name(inner)}.")
+            problems.append(f"{key} = {_show(value)} should be a list of {expected.item.name}.")  # type: ignore[union-attr]
             return None
-        items = [_check_scalar(inner, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-        return tuple(items)
-    if tp is float:
+        return tuple(_check_scalar(inner, v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if expected.scalar is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # nan passes every range check (nan < 0 is false)
                 problems.append(f"{key} = {value} should be a finite float; TOML's nan and inf are not allowed.")
                 return None
             return float(value)
-    elif tp is int:
+    elif expected.scalar is int:
         if isinstance(value, int) and not isinstance(value, bool):
             if not -(2**63) <= value < 2**63:  # TOML's integers are 64-bit; torch's seeds and sizes too
                 problems.append(f"{key} = {value} is outside the 64-bit integer range TOML allows.")
                 return None
             return value
-    elif tp in (bool, str):
-        if isinstance(value, tp):
+    elif expected.scalar in (bool, str):
+        if isinstance(value, expected.scalar):
             return value
-    else:
-        raise TypeError(f"Unsupported Params field type {tp!r} at {key}.")
-    problems.append(f"{key} = {_show(value)} should be {type_name(tp)}, not {type(value).__name__}.")
+    problems.append(f"{key} = {_show(value)} should be {expected.name}, not {type(value).__name__}.")
     return None
 
 

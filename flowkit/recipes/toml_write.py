@@ -1,7 +1,8 @@
-"""A minimal TOML writer for resolved recipes (tomllib only reads).
+"""flowkit's one TOML writer (tomllib only reads): resolved recipes (`dumps`), one value
+(`toml_value`: ``--set`` strings, ``flowkit parts`` defaults, ablation overrides) and comments.
 
 Handles what recipes hold: nested tables, strings, booleans, integers, floats and arrays of
-scalars. Inline tables are never emitted; nested tables become ``[a.b]`` headers.
+scalars. `dumps` writes nested tables as ``[a.b]`` headers; `toml_value` writes a table inline.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ def _key(key: str) -> str:
     return key if BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
 
 
-def _scalar(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` as TOML text: a bool, int, float (nan and inf too), string, list, or a table
+    (inline, ``{ a = 1 }``)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -34,7 +39,7 @@ def _scalar(value: Any) -> str:
         # A JSON string is a TOML basic string, except that TOML wants DEL escaped too.
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -52,7 +57,7 @@ def dumps(table: dict[str, Any], _prefix: str = "") -> str:
         if isinstance(value, dict):
             nested.append((key, value))
         else:
-            lines.append(f"{_key(key)} = {_scalar(value)}")
+            lines.append(f"{_key(key)} = {toml_value(value)}")
     out = "\n".join(lines)
     for key, value in nested:
         name = f"{_prefix}.{_key(key)}" if _prefix else _key(key)

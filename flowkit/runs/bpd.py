@@ -20,15 +20,26 @@ import torch
 from torch import Tensor
 
 
-def bits_per_dim(log_p: Tensor, num_dims: int, n_bits: int, log_q: Tensor | float = 0.0) -> Tensor:
-    """Per-image bits/dim of the dequantized bound; ``log_p`` in nats over ``num_dims`` dims."""
-    nats = -log_p + log_q + num_dims * n_bits * math.log(2.0)
+def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
+    """Nats over ``num_dims`` dimensions as bits per dimension: ``nats / (D log 2)``."""
     return nats / (num_dims * math.log(2.0))
 
 
-def bits_per_dim_from_nll(nll_discrete: Tensor, num_dims: int) -> Tensor:
-    """bits/dim of a discrete negative log-likelihood in nats (e.g. an importance-weighted one)."""
-    return nll_discrete / (num_dims * math.log(2.0))
+def bits_per_dim_to_nats(bpd: Tensor | float, num_dims: int) -> Tensor | float:
+    """The inverse of `nats_to_bits_per_dim`: ``bpd * D log 2``."""
+    return bpd * (num_dims * math.log(2.0))
+
+
+def discrete_nll(log_p: Tensor, num_dims: int, n_bits: int, log_q: Tensor | float = 0.0) -> Tensor:
+    """The dequantized bound on -log P(x) in nats: ``-log p(y) + D log 2^n_bits + log q(u | x)``,
+    for the continuous density ``log_p`` of y = (x + u) / 2^n_bits over ``num_dims`` dims."""
+    return -log_p + log_q + num_dims * n_bits * math.log(2.0)
+
+
+def bits_per_dim(log_p: Tensor, num_dims: int, n_bits: int, log_q: Tensor | float = 0.0) -> Tensor:
+    """Per-image bits/dim of the dequantized bound (the module docstring): `discrete_nll` in bits
+    per dimension."""
+    return nats_to_bits_per_dim(discrete_nll(log_p, num_dims, n_bits, log_q), num_dims)
 
 
 def reduce_bits(x: Tensor, n_bits: int, max_value: int = 255) -> Tensor:

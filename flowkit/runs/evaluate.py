@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from flowkit.contracts.model import IndependentTerms
+from flowkit.runs.bpd import nats_to_bits_per_dim
 from flowkit.runs.session import Session
 
 
@@ -30,35 +31,43 @@ def _eval_mode(session: Session, seed: int) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate(session: Session, x_all: torch.Tensor, *, batch_size: int, seed: int,
-             alone: str | None = None) -> dict[str, float]:
-    """Mean bits/dim over ``x_all`` (every image, every pixel), with fixed dequantization noise.
+def per_image(session: Session, x_all: torch.Tensor, *, batch_size: int, seed: int,
+              alone: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The evaluation loop: per batch of ``x_all``, every image's bits/dim as ``(B,)`` float64
+    tensors, with fixed dequantization noise (``seed``) and the model in eval mode.
 
-    Returns ``bpd`` (the whole model's dequantized bound) and, per term: ``bpd/<term>`` over
-    the term's own dimensions when the terms are densities of their own (`IndependentTerms`),
-    else ``bpd_share/<term>``, the term's share of the whole image's bits/dim (-term / (D log 2),
-    no offset; the shares add up to ``bpd - n_bits`` with uniform dequantization). With
-    ``alone``, only that term is computed and ``bpd`` is its bits/dim over its own dimensions.
+    Keys: ``bpd`` (the whole model's dequantized bound) and, per term, ``bpd/<term>`` over the
+    term's own dimensions when the terms are densities of their own (`IndependentTerms`), else
+    ``bpd_share/<term>``, the term's share of the whole image's bits/dim (-term / (D log 2), no
+    offset; the shares add up to ``bpd - n_bits`` with uniform dequantization). With ``alone``,
+    only that term is computed and ``bpd`` is its bits/dim over its own dimensions.
     """
     objective = session.objective
     independent = isinstance(session.model, IndependentTerms)
     names = [alone] if alone is not None else None
-    sums: dict[str, float] = {}
-    n = 0
     with _eval_mode(session, seed):
         for start in range(0, len(x_all), batch_size):
             x = x_all[start : start + batch_size].to(session.device, non_blocking=True)
             y, log_q = objective.dequantize(x)
             terms = {k: v.double() for k, v in objective.terms(y, names).items()}
-            values = {"bpd": objective.bits_per_dim(terms, log_q.double(), alone)}
+            values = {"bpd": objective.bits_per_dim(terms, torch.as_tensor(log_q).double(), alone)}
             for name, term in terms.items():
                 if independent:
                     values[f"bpd/{name}"] = objective.bits_per_dim(terms, 0.0, name)
                 else:
                     values[f"bpd_share/{name}"] = objective.share_bits_per_dim(term)
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value.sum().item()
-            n += len(x)
+            yield values
+
+
+def evaluate(session: Session, x_all: torch.Tensor, *, batch_size: int, seed: int,
+             alone: str | None = None) -> dict[str, float]:
+    """Mean bits/dim over ``x_all`` (every image, every pixel) of each key of `per_image`."""
+    sums: dict[str, float] = {}
+    n = 0
+    for values in per_image(session, x_all, batch_size=batch_size, seed=seed, alone=alone):
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value.sum().item()
+        n += len(values["bpd"])
     out = {key: value / n for key, value in sums.items()}
     if not all(math.isfinite(v) for v in out.values()):
         out["nonfinite"] = ",".join(k for k, v in out.items() if not math.isfinite(v))  # the caller decides
@@ -75,6 +84,6 @@ def evaluate_iw(session: Session, x_all: torch.Tensor, *, k: int, batch_size: in
         for start in range(0, len(x_all), batch_size):
             x = x_all[start : start + batch_size].to(session.device)
             log_px = objective.iw_log_likelihood(x, k)
-            total += (-log_px / (session.num_dims * math.log(2.0))).sum().item()
+            total += nats_to_bits_per_dim(-log_px, session.num_dims).sum().item()
             n += len(x)
     return total / n

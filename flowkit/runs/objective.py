@@ -27,7 +27,7 @@ from torch import Tensor
 
 from flowkit.contracts.dequantizer import Dequantizer
 from flowkit.contracts.model import DensityModel, IndependentTerms, LatentVariable
-from flowkit.runs.bpd import bits_per_dim
+from flowkit.runs.bpd import bits_per_dim, discrete_nll, nats_to_bits_per_dim
 
 
 class Objective:
@@ -91,7 +91,7 @@ class Objective:
     def share_bits_per_dim(self, term: Tensor) -> Tensor:
         """A term's share of the whole image's bits/dim, ``-term / (D log 2)`` (no offset): what
         a term that is not a density of its own (a Glow level) contributes."""
-        return -term / (self.num_dims * math.log(2.0))
+        return nats_to_bits_per_dim(-term, self.num_dims)
 
     def loss(self, x: Tensor, names: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean bits/dim of a batch and its terms: of the whole image, or of one term alone."""
@@ -111,11 +111,11 @@ class Objective:
         """
         if k < 1:
             raise ValueError(f"--iw-samples {k} must be >= 1.")
-        offset = self.num_dims * self.n_bits * math.log(2.0)
         samples = []
         for _ in range(k):
             y, log_q = self.dequantize(x)
             with self.autocast(y):
                 log_p = self.model.log_joint_sample(y) if isinstance(self.model, LatentVariable) else self.model.log_prob(y)
-            samples.append(log_p.double() - torch.as_tensor(log_q).double() - offset)
+            # One importance weight of log P(x): minus the one-sample dequantized bound.
+            samples.append(-discrete_nll(log_p.double(), self.num_dims, self.n_bits, torch.as_tensor(log_q).double()))
         return torch.logsumexp(torch.stack(samples), dim=0) - math.log(k)

@@ -1,4 +1,5 @@
-"""Sample grids from a trained model, with overflowed samples saturated and counted in one place."""
+"""Drawing images from a trained model: `seeded_draw` is the one sequence every sampler uses (a
+seeded draw, overflowed images saturated and counted), `sample_grids` writes the grids of a run."""
 
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ def saturate(y: Tensor) -> tuple[Tensor, int]:
 
 
 @torch.no_grad()
+def seeded_draw(session: Session, draw: Callable[[], Tensor], seed: int) -> tuple[Tensor, int]:
+    """``draw()`` run from ``seed`` without disturbing the global random state, its images
+    saturated into ``[0, 1)`` and the overflowed ones counted (`saturate`): what sample grids,
+    ``run.sample``, super-resolution strips and the VAE-flow's grids all draw through. Convert
+    the result with `flowkit.runs.images.to_levels` (data levels) or ``to_uint8`` (pixels)."""
+    with seeded(session, seed):
+        return saturate(draw())
+
+
+@torch.no_grad()
 def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple[float, ...] | list[float],
                  seed: int, prefix: str = "samples", metrics: MetricsSink | None = None,
                  step: int = 0, draw: Callable[[float], Tensor] | None = None,
@@ -56,8 +67,7 @@ def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple
     paths = []
     overflowed: dict[str, int] = {}
     for temperature in temperatures:
-        with seeded(session, seed):
-            y, overflowed[f"T{temperature:g}"] = saturate(draw(float(temperature)))
+        y, overflowed[f"T{temperature:g}"] = seeded_draw(session, lambda t=float(temperature): draw(t), seed)
         scale = max(1, 128 // session.dataset.shape[1])
         images = to_uint8(y, session.n_bits)
         mosaic = grid(images)

@@ -12,7 +12,6 @@ default with the seed the run itself used, so a loaded run reproduces the run's 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,11 +22,13 @@ from torch import Tensor
 from flowkit.errors import FlowkitError, ShapeError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe, load_recipe
+from flowkit.runs.bpd import bits_per_dim_to_nats
 from flowkit.runs.checkpoint import latest_checkpoint, load_weights
+from flowkit.runs.evaluate import per_image
 from flowkit.runs.images import to_levels
 from flowkit.runs.level_jobs import is_level_jobs_dir, load_levels
 from flowkit.runs.rundir import RunDir
-from flowkit.runs.sampling import saturate, seeded, super_resolution
+from flowkit.runs.sampling import seeded_draw, super_resolution
 from flowkit.runs.session import Session, build_session
 
 
@@ -133,21 +134,15 @@ class TrainedRun:
         """Bits/dim of each image, ``(B,)`` float64 on the CPU (see the class docstring).
         ``seed``: of the dequantization noise; default the run's test-evaluation seed."""
         x = self._levels_in(x, self.shape, "x")
-        objective = self.session.objective
-        batch = self.recipe.train.eval_batch_size
         seed = self.recipe.train.seed + 1 if seed is None else seed
-        out = []
-        with seeded(self.session, seed):
-            for start in range(0, len(x), batch):
-                y, log_q = objective.dequantize(x[start : start + batch].to(self.device))
-                terms = {k: v.double() for k, v in objective.terms(y).items()}
-                out.append(objective.bits_per_dim(terms, torch.as_tensor(log_q).double()).cpu())
+        batches = per_image(self.session, x, batch_size=self.recipe.train.eval_batch_size, seed=seed)
+        out = [values["bpd"].cpu() for values in batches]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
     def log_prob(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> Tensor:
         """The dequantized bound on log P(x) in nats per image, ``(B,)`` float64 (class docstring)."""
         c, h, w = self.shape
-        return -self.bpd(x, seed=seed) * (c * h * w * math.log(2.0))
+        return -bits_per_dim_to_nats(self.bpd(x, seed=seed), c * h * w)
 
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,8 +152,7 @@ class TrainedRun:
         if n < 1:
             raise FlowkitError(f"n = {n}: ask for at least one sample.")
         seed = self.recipe.sample.seed if seed is None else seed
-        with seeded(self.session, seed):
-            y, overflowed = saturate(self.model.sample(n, temperature=float(temperature)))
+        y, overflowed = seeded_draw(self.session, lambda: self.model.sample(n, temperature=float(temperature)), seed)
         return Samples(self._levels_out(y), overflowed)
 
     @torch.no_grad()
@@ -189,8 +183,8 @@ class TrainedRun:
         y_low = (x_low.to(self.device).float() + 0.5) / 2**self.n_bits
         y_up = y_low.repeat_interleave(factor[0], dim=2).repeat_interleave(factor[1], dim=3)
         seed = self.recipe.sample.seed if seed is None else seed
-        with seeded(self.session, seed):
-            y, overflowed = saturate(model.superres(model.reduce(y_up, level), level, temperature=float(temperature)))
+        y, overflowed = seeded_draw(
+            self.session, lambda: model.superres(model.reduce(y_up, level), level, temperature=float(temperature)), seed)
         return Samples(self._levels_out(y), overflowed)
 
     # -- checks and conversions ------------------------------------------------------------

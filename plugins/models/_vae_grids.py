@@ -34,10 +34,10 @@ def bin_centres(x: Tensor, n_bits: int, like: Tensor) -> Tensor:
 
 
 def _save(session: Any, tiles: Tensor, ncol: int, path: Path) -> Path:
+    """Saturated tiles (`flowkit.runs.sampling.seeded_draw`) as one PNG grid."""
     from flowkit.runs.images import grid, save_png, to_uint8
-    from flowkit.runs.sampling import saturate
 
-    images = to_uint8(saturate(tiles)[0], session.n_bits)
+    images = to_uint8(tiles, session.n_bits)
     side = int(tiles.shape[-1])
     return save_png(grid(np.ascontiguousarray(images), ncol=ncol), path, max(1, 96 // side))
 
@@ -61,11 +61,10 @@ def swap_tiles(model: Any, y: Tensor, temperature: float) -> Tensor:
 
 @torch.no_grad()
 def write_swap_grid(session: Any, model: Any, x: Tensor, out: Path, *, temperature: float, seed: int) -> Path:
-    from flowkit.runs.sampling import seeded
+    from flowkit.runs.sampling import seeded_draw
 
     y = bin_centres(x, session.n_bits, _weights(model))
-    with seeded(session, seed):
-        tiles = swap_tiles(model, y, temperature)
+    tiles, _ = seeded_draw(session, lambda: swap_tiles(model, y, temperature), seed)
     return _save(session, tiles, len(y) + 1, out)
 
 
@@ -92,11 +91,12 @@ def interpolation_tiles(model: Any, ya: Tensor, yb: Tensor, steps: int, temperat
 @torch.no_grad()
 def write_interpolation_grids(session: Any, model: Any, xa: Tensor, xb: Tensor, out_dir: Path, *, steps: int,
                               temperature: float, seed: int) -> list[Path]:
-    from flowkit.runs.sampling import seeded
+    from flowkit.runs.rundir import grid_name
+    from flowkit.runs.sampling import seeded_draw
 
     like = _weights(model)
     ya, yb = bin_centres(xa, session.n_bits, like), bin_centres(xb, session.n_bits, like)
-    with seeded(session, seed):
-        z_tiles, local_tiles = interpolation_tiles(model, ya, yb, steps, temperature)
-    return [_save(session, z_tiles, steps + 2, out_dir / f"interpolate-z-T{temperature:g}.png"),
-            _save(session, local_tiles, steps + 2, out_dir / f"interpolate-local-T{temperature:g}.png")]
+    tiles, _ = seeded_draw(session, lambda: torch.cat(interpolation_tiles(model, ya, yb, steps, temperature)), seed)
+    z_tiles, local_tiles = tiles.chunk(2)
+    return [_save(session, z_tiles, steps + 2, out_dir / grid_name("interpolate-z", temperature, ".png")),
+            _save(session, local_tiles, steps + 2, out_dir / grid_name("interpolate-local", temperature, ".png"))]

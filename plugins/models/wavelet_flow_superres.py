@@ -30,7 +30,7 @@ def superres_strip(session: Any, out: Path, *, from_level: int, n_images: int, n
     (none without ``mcmc``)."""
     from flowkit.runs.images import grid, save_png, to_uint8
     from flowkit.runs.mcmc import annealed_sample, check_can_anneal, require_latent_levels
-    from flowkit.runs.sampling import saturate, seeded, super_resolution
+    from flowkit.runs.sampling import saturate, seeded_draw, super_resolution
 
     model = super_resolution(session.model, session.recipe.model.use, from_level, "--from-level")
     if mcmc is not None:
@@ -41,16 +41,24 @@ def superres_strip(session: Any, out: Path, *, from_level: int, n_images: int, n
     model.eval()
     x = session.test_x[:n_images].to(session.device)
     reports: list[LevelReport] = []
-    with seeded(session, seed):
+    lows: list[torch.Tensor] = []
+
+    def draw() -> torch.Tensor:
+        """Every sample of every image, sample-major: (n_samples * B, C, H, W)."""
         y, _ = session.objective.dequantize(x)
         low = model.reduce(y, from_level)
+        lows.append(low)
         if mcmc is None or not remaining:
-            samples = [saturate(model.superres(low, from_level, temperature=temperature))[0] for _ in range(n_samples)]
-        else:  # every sample of every image in one chain per level
-            drawn, reports = annealed_sample(levels, n_samples * len(low), temperature, mcmc,
-                                             given=low.repeat(n_samples, 1, 1, 1), levels=remaining,
-                                             on_level=on_level)
-            samples = [saturate(part)[0] for part in drawn.chunk(n_samples)]
+            return torch.cat([model.superres(low, from_level, temperature=temperature) for _ in range(n_samples)])
+        # Annealed: every sample of every image in one chain per level.
+        drawn, level_reports = annealed_sample(levels, n_samples * len(low), temperature, mcmc,
+                                               given=low.repeat(n_samples, 1, 1, 1), levels=remaining,
+                                               on_level=on_level)
+        reports.extend(level_reports)
+        return drawn
+
+    drawn, _ = seeded_draw(session, draw, seed)
+    samples, low = list(drawn.chunk(n_samples)), lows[0]
     side = x.shape[-1]
     up = torch.nn.functional.interpolate(model.low_to_image(low, from_level), size=(side, side), mode="nearest")
     columns = [up, *samples, (x.float() + 0.5) / 2**session.n_bits]

@@ -21,7 +21,7 @@ from flowkit.params import DERIVED, PartRef, declared_copies
 from flowkit.plugins import make_plugins
 from flowkit.recipes.load import Recipe, load_recipe, preset_names
 from flowkit.recipes.schema import field_types
-from flowkit.recipes.toml_write import _scalar
+from flowkit.recipes.toml_write import toml_value
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
 CASES = [(path, preset) for path in RECIPES for preset in [None, *preset_names(path)]]
@@ -158,7 +158,7 @@ def test_an_explicit_override_reaches_the_part_it_names_or_is_refused(plugins, p
     outcomes = {"built": 0, "refused": 0}
     for dotted, new in overrides.items():
         try:
-            changed = load_recipe(path, plugins.registries, preset="smoke", overrides=[f"{dotted}={_scalar(new)}"])
+            changed = load_recipe(path, plugins.registries, preset="smoke", overrides=[f"{dotted}={toml_value(new)}"])
             built = build_recorded(plugins, changed)
         except ShapeError:  # the changed model does not fit the images (a channel split of one channel)
             outcomes["refused"] += 1

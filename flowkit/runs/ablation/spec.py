@@ -44,7 +44,7 @@ from flowkit.errors import RecipeError
 from flowkit.params import param
 from flowkit.recipes.load import Recipe, deep_merge, load_recipe, parse_override, unknown_sections
 from flowkit.recipes.schema import validate_fields
-from flowkit.recipes.toml_write import _scalar
+from flowkit.recipes.toml_write import toml_value
 from flowkit.registry import Registries
 
 SECTIONS = ("ablation", "grid", "variants", "slurm", "presets")
@@ -149,7 +149,7 @@ def _grid_variants(grid: dict[str, Any], problems: list[str]) -> list[tuple[str,
         return []
     out = []
     for values in itertools.product(*(grid[k] for k in keys)):
-        sets = tuple(f"{k}={_scalar(v)}" for k, v in zip(keys, values, strict=True))
+        sets = tuple(f"{k}={toml_value(v)}" for k, v in zip(keys, values, strict=True))
         if len(keys) == 1:
             name = str(values[0])
         else:
