@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flowkit.errors import ShapeError
 from flowkit.params import PartRef, declared_copies, make_copy
 from flowkit.recipes.schema import validate_params
 from flowkit.registry import Registries
@@ -33,9 +34,29 @@ class Builder:
     def __call__(self, ref: PartRef, **shape_kwargs: Any) -> Any:
         part = self.registries.part(ref.kind, ref.use)
         params = ref.params if ref.params is not None else self.default_params(ref.kind, ref.use)
+        if "context_shape" in shape_kwargs and not part.contexts:
+            # A part that declares no context (most models) is built without the keyword; asking
+            # it for a context is refused by name, never discovered by the factory's TypeError.
+            if shape_kwargs.pop("context_shape") is not None:
+                raise ShapeError(f'{ref.kind} "{ref.use}"{_at(ref)} takes no context; {self._takers(ref.kind, "vector")}')
+        context_shape = shape_kwargs.get("context_shape")
+        if context_shape is not None:
+            form = "vector" if len(tuple(context_shape)) == 1 else "spatial"
+            if not part.accepts(form):
+                raise ShapeError(f'{ref.kind} "{ref.use}"{_at(ref)} takes no {form} context (it takes '
+                                 f'{", ".join(part.contexts)}); {self._takers(ref.kind, form)}')
         if ref.path:
             self.built.append((ref.path, params))
         return part.factory(params, build=self, **shape_kwargs)
+
+    def accepts(self, ref: PartRef, form: str) -> bool:
+        """Whether the part ``ref`` names takes a context of ``form`` (``"vector"``, ``"spatial"``),
+        as its registration declares (`flowkit.registry.Part.contexts`): ask before building."""
+        return self.registries.part(ref.kind, ref.use).accepts(form)
+
+    def _takers(self, kind: str, form: str) -> str:
+        names = [p.name for p in self.registries[kind] if p.accepts(form)]
+        return f"{kind}s that take a {form} context: {', '.join(names) or 'none'}."
 
     def copies(self, params: Any, field: str) -> list[PartRef]:
         copies = declared_copies(params)[field]
@@ -49,3 +70,7 @@ class Builder:
 
     def default_params(self, kind: str, name: str) -> Any:
         return validate_params(self.registries, kind, name, {}, path=f"{kind}:{name}")
+
+
+def _at(ref: PartRef) -> str:
+    return f" (at {ref.path})" if ref.path else ""

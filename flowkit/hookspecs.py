@@ -3,7 +3,7 @@
 Every ``flowkit_register_*`` hook is called once per plugin manager, with a ``register``
 callable of this signature::
 
-    register(name, factory, *, params=ParamsCls, summary="one line")
+    register(name, factory, *, params=ParamsCls, summary="one line", contexts=None)
 
 - ``name`` is public API (it appears in recipes): ``[a-z][a-z0-9_]*``.
 - ``factory(params, *, build, **shape_kwargs)`` builds the part from a validated Params
@@ -12,6 +12,10 @@ callable of this signature::
   The factory is usually the part's class, whose constructor takes every value from
   ``params``: the Params are the one place a part's defaults are stated.
 - ``params`` is a frozen, kw-only dataclass (see `flowkit.params`).
+- ``contexts``: the forms of context (``"spatial"``, ``"vector"``; `flowkit.contracts.context`)
+  the factory takes as ``context_shape``; ``None`` means what every part of the kind takes
+  (nets, couplings, steps, transforms and priors: both; models: none). A model that can be
+  conditioned says so, ``contexts=("vector",)``, and gets ``context_shape``; others never do.
 
 A name registered twice, by the same or by two plugins, is an error naming both.
 """
@@ -132,11 +136,15 @@ def flowkit_register_dequantizers(register: RegisterFn) -> None:
 def flowkit_register_models(register: RegisterFn) -> None:
     """Register density models (``wavelet_flow``, ``multiscale``).
 
-    Factory: ``factory(params, *, in_shape, build) -> DensityModel``.
+    Factory: ``factory(params, *, in_shape, build) -> DensityModel``; registered with
+    ``contexts=("vector",)``, ``factory(params, *, in_shape, context_shape, build)``, where
+    ``context_shape`` is ``None`` or ``(Cz,)`` and a model built with one takes it in
+    ``log_prob_parts``, ``sample`` and ``initialize`` (the VAE-flow's decoder is such a model).
 
     Example::
 
         register("wavelet_flow", WaveletFlow, params=WaveletFlowParams)
+        register("multiscale", Multiscale, params=MultiscaleParams, contexts=("vector",))
     """
 
 

@@ -28,6 +28,16 @@ class Part:
     plugin: str
     distribution: str
     version: str
+    #: The forms of context its factory takes as ``context_shape`` (`flowkit.contracts.context`):
+    #: ``"spatial"``, ``"vector"``; none for a part that takes no context.
+    contexts: tuple[str, ...] = ()
+
+    def accepts(self, form: str) -> bool:
+        return form in self.contexts
+
+
+#: Every form of context there is (`flowkit.contracts.context`).
+CONTEXT_FORMS = ("spatial", "vector")
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,8 @@ class UnavailablePartError(UnknownPartError):
 
 class RegisterFn(Protocol):
     def __call__(
-        self, name: str, factory: Callable[..., Any], *, params: type = ..., summary: str | None = ...
+        self, name: str, factory: Callable[..., Any], *, params: type = ..., summary: str | None = ...,
+        contexts: tuple[str, ...] | None = ...,
     ) -> None: ...
 
 
@@ -121,6 +132,15 @@ class Registry:
                 f"{part.params.__name__} lack {', '.join(missing)}. Every {self.kind} must declare "
                 f"{', '.join(required)}: models set them copy by copy when they assemble steps "
                 f"(docs/plugin-hooks.md, the {self.kind} contract)."
+            )
+        unknown = [form for form in part.contexts if form not in CONTEXT_FORMS]
+        needed = [form for form in (KINDS[self.kind].contexts if self.kind in KINDS else ()) if form not in part.contexts]
+        if unknown or needed:
+            raise PluginError(
+                f'Plugin "{part.plugin}" registers {self.kind} "{part.name}" with contexts = {list(part.contexts)}: '
+                + (f"{', '.join(unknown)} is not a form of context (forms: {', '.join(CONTEXT_FORMS)})" if unknown else
+                   f"every {self.kind} must take {', '.join(needed)} contexts (the {self.kind} contract, "
+                   "flowkit.contracts.context)") + "."
             )
         old = self._parts.get(part.name)
         if old is not None:
@@ -217,10 +237,13 @@ def make_register(
     ``kind:name`` of every call, so a plugin that fails midway can be withdrawn whole."""
 
     def register(
-        name: str, factory: Callable[..., Any], *, params: type = NoParams, summary: str | None = None
+        name: str, factory: Callable[..., Any], *, params: type = NoParams, summary: str | None = None,
+        contexts: tuple[str, ...] | None = None,
     ) -> None:
         if tried is not None:
             tried.append(f"{registry.kind}:{name}")
+        if contexts is None:  # what every part of the kind takes (a model: none unless it says so)
+            contexts = KINDS[registry.kind].contexts if registry.kind in KINDS else ()
         doc = summary or (factory.__doc__ or "").strip().splitlines()[0:1]
         registry.add(
             Part(
@@ -232,6 +255,7 @@ def make_register(
                 plugin=plugin,
                 distribution=distribution,
                 version=version,
+                contexts=tuple(contexts),
             )
         )
 

@@ -103,9 +103,9 @@ def render_parts(registries: Registries) -> str:
              ""]
     for kind, spec in KINDS.items():
         parts = _builtin_parts(registries, kind)
-        lines += [f"## {kind}", "",
-                  f"Registered by `{spec.hook}`; a recipe holds one at `[{spec.example}]` (or wherever a "
-                  f"{kind} part is a key).", "",
+        where = (f"a recipe holds one at `[{spec.example}]` (or wherever a {kind} part is a key)" if spec.example
+                 else f"no recipe table names one: the parts that use a {kind} build it by name")
+        lines += [f"## {kind}", "", f"Registered by `{spec.hook}`; {where}.", "",
                   "| name | summary | plugin |", "| --- | --- | --- |"]
         for part in parts:
             lines.append(f"| [`{part.name}`](recipes.md#{_anchor(kind, part.name)}) | {_cell(part.summary)} "

@@ -57,8 +57,13 @@ def field_records(params_cls: type) -> list[dict[str, Any]]:
 def example_toml(part: Part) -> str:
     """A recipe table that selects ``part`` with every parameter at its default."""
     header = KINDS[part.kind].example if part.kind in KINDS else f"model.{part.kind}"
-    lines = [f'# {part.kind} "{part.name}" with its defaults; the table name depends on the recipe.',
-             f"[{header}]", f'use = "{part.name}"']
+    if header is None:  # no recipe table names one: show the table a part that builds it validates
+        lines = [f'# {part.kind} "{part.name}" with its defaults. No recipe table names a {part.kind}: the parts',
+                 f'# that use one build it by name (in Python: flowkit.build("{part.kind}", "{part.name}", ...)).',
+                 f'use = "{part.name}"']
+    else:
+        lines = [f'# {part.kind} "{part.name}" with its defaults; the table name depends on the recipe.',
+                 f"[{header}]", f'use = "{part.name}"']
     for record in field_records(part.params):
         if record["required"]:
             lines.append(f"# {record['name']} = ...  (required: {record['type']})")

@@ -23,7 +23,9 @@ from flowkit.registry import Registries
 
 ENGINE_SECTIONS = {"recipe": RecipeMeta, "train": TrainParams, "eval": EvalParams, "sample": SampleParams,
                    "log": LogParams}
-SECTIONS = ["recipe", "data", "dequantizer", "model", "train", "eval", "sample", "log", "presets"]
+#: Every top-level table: [recipe], the part sections of `flowkit.kinds` ([data], [dequantizer],
+#: [model]: each a field of `Recipe`), the engine's own, and [presets].
+SECTIONS = ["recipe", *PART_SECTIONS, *[name for name in ENGINE_SECTIONS if name != "recipe"], "presets"]
 MAX_EXTENDS_DEPTH = 8
 
 

@@ -383,5 +383,7 @@ class Multiscale(DensityModel):
 
 @hookimpl
 def flowkit_register_models(register: RegisterFn) -> None:
-    register("multiscale", Multiscale.from_params, params=MultiscaleParams,
+    # contexts: built with a vector context (the VAE-flow's decoder), every step, hence every
+    # coupling net, is conditioned on it.
+    register("multiscale", Multiscale.from_params, params=MultiscaleParams, contexts=("vector",),
              summary="Glow's multi-scale flow (squeeze, K steps, split; learned priors) with any step")

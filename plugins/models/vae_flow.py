@@ -92,12 +92,9 @@ def build_decoder(build: Any, ref: PartRef, in_shape: Shape, latent_dim: int) ->
     cannot = (f'model.decoder.use = "{ref.use}" cannot be the decoder of vae_flow: it must take the global '
               "latent as a vector context in every coupling and map images to latents and back, as "
               'multiscale (Glow or MaCow steps) does')
-    try:
-        decoder = build(ref, in_shape=in_shape, context_shape=(latent_dim,))
-    except TypeError as exc:
-        if "context_shape" not in str(exc):
-            raise
-        raise ShapeError(f"{cannot}; its factory takes no context_shape.") from None
+    if not build.accepts(ref, "vector"):  # declared when the model registers (contexts=("vector",))
+        raise ShapeError(f"{cannot}; it takes no vector context.")
+    decoder = build(ref, in_shape=in_shape, context_shape=(latent_dim,))
     if not isinstance(decoder, ConditionalDecoder) or decoder.context_shape != (latent_dim,):
         raise ShapeError(f"{cannot}.")
     if "kl" in decoder.part_dims():

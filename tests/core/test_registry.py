@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -238,3 +239,43 @@ def test_a_plugin_registering_an_unholdable_field_is_broken_and_named_by_recipes
 def test_every_builtin_params_field_is_one_recipes_can_hold(plugins) -> None:  # noqa: ANN001
     assert len(list(plugins.registries.all_parts())) > 20
     assert plugins.broken == []
+
+
+# -- contexts: declared when a part registers, asked before it is built --------------------------
+
+
+def test_a_part_takes_the_contexts_of_its_kind_unless_it_declares_more() -> None:
+    couplings, models = _registry("affine"), Registry("model")
+    make_register(models, "tests", "flowkit-tests", "1.0")("plain", _factory)
+    make_register(models, "tests", "flowkit-tests", "1.0")("conditioned", _factory, contexts=("vector",))
+    assert couplings.get("affine").contexts == ("spatial", "vector")
+    assert models.get("plain").contexts == () and not models.get("plain").accepts("vector")
+    assert models.get("conditioned").accepts("vector") and not models.get("conditioned").accepts("spatial")
+
+
+@pytest.mark.parametrize(("kind", "contexts", "why"), [
+    ("model", ("global",), "global is not a form of context (forms: spatial, vector)"),
+    ("coupling", ("vector",), "every coupling must take spatial contexts"),
+])
+def test_a_context_the_kind_does_not_know_or_lacks_is_refused_at_registration(
+        kind: str, contexts: tuple[str, ...], why: str) -> None:
+    params = _CouplingParams if kind == "coupling" else NoParams
+    with pytest.raises(PluginError, match=re.escape(why)):
+        make_register(Registry(kind), "tests", "flowkit-tests", "1.0")("odd", _factory, params=params,
+                                                                     contexts=contexts)
+
+
+def test_a_model_asked_for_a_context_it_does_not_declare_is_refused_by_name_before_its_factory_runs() -> None:
+    import flowkit
+    from flowkit import ShapeError
+    from flowkit.build import Builder
+
+    plugins = make_plugins()
+    build = Builder(plugins.registries)
+    wavelet, multiscale = flowkit.ref("model", "wavelet_flow"), flowkit.ref("model", "multiscale")
+    assert not build.accepts(wavelet, "vector") and build.accepts(multiscale, "vector")
+    with pytest.raises(ShapeError, match='model "wavelet_flow" .*takes no context; models that take a vector '
+                                         "context: .*multiscale"):
+        build(wavelet, in_shape=(1, 8, 8), context_shape=(4,))
+    built = build(multiscale, in_shape=(1, 8, 8), context_shape=(4,))
+    assert built.context_shape == (4,)

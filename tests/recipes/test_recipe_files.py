@@ -128,3 +128,13 @@ def test_missing_sections_are_named(plugins) -> None:
         validate_recipe(plugins.registries, {"recipe": {"name": "x"}, "train": {"steps": 1}}, "x.toml")
     text = str(info.value)
     assert "[data] is missing" in text and "[model] is missing" in text
+
+
+def test_every_part_section_of_the_kinds_table_is_a_field_of_the_recipe() -> None:
+    import dataclasses
+
+    from flowkit.kinds import PART_SECTIONS
+    from flowkit.recipes.load import SECTIONS, Recipe
+
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    assert set(PART_SECTIONS) <= fields and set(PART_SECTIONS) <= set(SECTIONS)
