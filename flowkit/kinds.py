@@ -68,11 +68,12 @@ KINDS: dict[str, Kind] = {
         Kind("net", "flowkit_register_nets", nn.Module, "model.step.coupling.net",
              shape_kwargs=("in_shape", "context_shape", "out_channels"), contexts=SPATIAL_AND_VECTOR),
         Kind("prior", "flowkit_register_priors", Prior, "model.prior", contexts=SPATIAL_AND_VECTOR),
+        # In the order of a resolved recipe's sections: [data], [dequantizer], [model].
+        Kind("dataset", "flowkit_register_datasets", ImageDataset, "data", section="data", shape_kwargs=()),
         Kind("dequantizer", "flowkit_register_dequantizers", Dequantizer, "dequantizer", section="dequantizer",
              shape_kwargs=("in_shape",)),
         Kind("model", "flowkit_register_models", DensityModel, "model", section="model",
              shape_kwargs=("in_shape", "context_shape")),
-        Kind("dataset", "flowkit_register_datasets", ImageDataset, "data", section="data", shape_kwargs=()),
     )
 }
 
