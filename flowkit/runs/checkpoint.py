@@ -46,6 +46,7 @@ from flowkit.runs.rundir import fsync_path, write_json_atomic
 KEEP = 2  # checkpoints kept on disk: the newest and the one before it
 _NAME = re.compile(r"step-(\d+)(?:-(\d+))?")  # step-00001234, or step-00001234-1 for a re-save
 WEIGHTS = "weights.safetensors"
+LATEST = "latest.json"
 STATE = "state.json"
 _TENSOR_FILES = (WEIGHTS, "optimizer.safetensors", "trainer.safetensors")
 _FILES = (*_TENSOR_FILES, STATE)
@@ -140,7 +141,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_json_atomic(directory / "latest.json", {"step": step, "path": final.name})
+    write_json_atomic(directory / LATEST, {"step": step, "path": final.name})
     _prune(directory, final, step)
     return final
 
@@ -158,26 +159,26 @@ def _prune(directory: Path, latest: Path, step: int) -> None:
         os.replace(path, trash / path.name)
     for stale in directory.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    for stale in directory.glob(".latest.json.*.tmp"):
+    for stale in directory.glob(f".{LATEST}.*.tmp"):  # write_atomic's temporaries
         stale.unlink(missing_ok=True)
 
 
 def has_checkpoint(directory: Path) -> bool:
     """Whether ``latest.json`` names a checkpoint in ``directory`` (a run to resume)."""
-    return (directory / "latest.json").is_file()
+    return (directory / LATEST).is_file()
 
 
 def latest_step(directory: Path) -> int | None:
     """The step of the checkpoint ``latest.json`` names, or None when there is none yet."""
     try:
-        return int(json.loads((directory / "latest.json").read_text())["step"])
+        return int(json.loads((directory / LATEST).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def latest_checkpoint(directory: Path) -> Path:
     """The folder ``latest.json`` names; a `CheckpointError` when it is missing, unreadable or dangling."""
-    pointer = directory / "latest.json"
+    pointer = directory / LATEST
     if not pointer.is_file():
         raise CheckpointError(f"{directory} holds no checkpoint (no latest.json): nothing to resume or sample from.")
     try:
@@ -204,7 +205,7 @@ def checkpoint_to_resume(directory: Path, name: str | None = None) -> Path | Non
     """
     found = _checkpoints(directory) if directory.is_dir() else []
     if name is None:
-        if (directory / "latest.json").is_file():
+        if (directory / LATEST).is_file():
             return latest_checkpoint(directory)
         return found[-1][2] if found else None
     match = re.fullmatch(r"(?:step-)?(\d+)(?:-(\d+))?", name.strip())

@@ -18,6 +18,7 @@ from flowkit.runs.ablation.execute import plan, require_submitit, run_local, run
 from flowkit.runs.ablation.report import write_report
 from flowkit.runs.ablation.results import VariantRow, group_by_recipe, read_run
 from flowkit.runs.ablation.spec import Ablation, load_ablation
+from flowkit.runs.rundir import RunDir
 
 
 def run_ablation(path: Path, registries: Registries, *, preset: str | None = None, out: Path | None = None,
@@ -74,7 +75,7 @@ def report_ablation(ablation: Ablation, out: Path, *, jobs: int = 1, executor: s
 
 def compare(paths: list[Path], out: Path, *, temperature: float = 1.0) -> Path:
     """The report of existing run directories, runs of one recipe up to the seed grouped."""
-    missing = [str(p) for p in paths if not (p / "recipe.toml").is_file()]
+    missing = [str(p) for p in paths if not RunDir(p).recipe_path.is_file()]
     if missing:
         raise FlowkitError(f"not run directories (no recipe.toml): {', '.join(missing)}.")
     return write_report(out, group_by_recipe(paths), title="Comparison of " + ", ".join(p.name for p in paths),

@@ -136,7 +136,7 @@ def run_local(jobs: list[Job], parallel: int, say: Callable[[str], None]) -> dic
             while pending and len(running) < parallel:
                 job = pending.pop(0)
                 say(f"run {job.run.slug} ({'resumed' if '--resume' in job.argv else 'started'})")
-                (job.rundir / "error.txt").unlink(missing_ok=True)
+                RunDir(job.rundir).error_path.unlink(missing_ok=True)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 log = open(job.log, "w", encoding="utf-8")  # noqa: SIM115 - closed when the process ends
                 proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT)
@@ -182,7 +182,7 @@ def run_submitit(jobs: list[Job], ablation: Ablation, out: Path, say: Callable[[
         )
     submitted = []
     for job in jobs:
-        (job.rundir / "error.txt").unlink(missing_ok=True)
+        RunDir(job.rundir).error_path.unlink(missing_ok=True)
         handle = executor.submit(run_command, job.argv, str(job.log), str(job.rundir))
         say(f"run {job.run.slug}: submitted as job {handle.job_id}")
         submitted.append((job, handle))
