@@ -97,6 +97,9 @@ def glow_problems(recipe: Recipe) -> list[str]:
             if coupling.params.mask != "channel":
                 problems.append(f'model.step.coupling.mask = "{coupling.params.mask}": nflows\' couplings split '
                                 'image channels only; use "channel".')
+            if getattr(coupling.params, "scale_fn", None) == "scaled_tanh":
+                problems.append('model.step.coupling.scale_fn = "scaled_tanh" is not composed; use "sigmoid" or '
+                                '"exp_tanh".')
             net = coupling.params.net
             if net.use != "glow_cnn":
                 problems.append(f'model.step.coupling.net.use = "{net.use}" is not "glow_cnn".')
