@@ -6,7 +6,16 @@ A model plugin lists *what* it stacks (steps, squeezes, splits) and hands the li
 """
 
 from flowkit.models.layout import (
-    Chain, Entry, FactorOut, LayoutFlow, Split, Squeeze, SqueezeLayer, Step, Unsqueeze, rename_state_dict_keys,
+    Chain,
+    Entry,
+    FactorOut,
+    LayoutFlow,
+    Split,
+    Squeeze,
+    SqueezeLayer,
+    Step,
+    Unsqueeze,
+    rename_state_dict_keys,
 )
 from flowkit.models.preprocess import Centre, Logit
 

@@ -33,8 +33,8 @@ initialised on the output of those before it) and the whole latent as one level 
 sampling (`latent_level`).
 
 Build order: each entry is built in layout order, except a split's prior, which is built as
-soon as its shape is known, right after the last entry that changed the shape (a squeeze or a
-split; the start), before the steps that lead to the split. It is the order flowkit's
+soon as its shape is known, right after the last entry that changed the shape (a squeeze, an
+unsqueeze or a split; the start), before the steps that lead to the split. It is the order flowkit's
 multiscale model has always built its parts in, which decides what random numbers each
 initialisation draws: the same recipe builds the same weights.
 

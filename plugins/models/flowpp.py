@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from flowkit import Copies, Derive, DensityModel, PartRef, hookimpl, param, part_field
+from flowkit import Copies, DensityModel, Derive, PartRef, hookimpl, param, part_field
 from flowkit.models import Entry, LayoutFlow, Logit, Squeeze, Step, rename_state_dict_keys
 
 if TYPE_CHECKING:
@@ -99,9 +99,10 @@ class FlowPP(DensityModel):
         self.flow = LayoutFlow(layout, in_shape=self.in_shape, prior=params.prior, build=build, top="total",
                                name="Flow++", checkpoint=params.checkpoint)
         self.latent_shape = self.flow.out_shape
-        # Checkpoints written before the walker (flow.transforms.<k>, prior) still load.
-        rename_state_dict_keys(self, {"flow.transforms.": f"flow.{self.flow.path(0).rsplit('.', 1)[0]}.",
-                                      "prior.": "flow.prior."})
+        # Checkpoints written before the walker (flow.transforms.<k>, prior) still load: the
+        # transforms are those of the walker's one chain, in the same order.
+        chain = self.flow.path(0).rsplit(".", 1)[0]  # "layers.0.transforms"
+        rename_state_dict_keys(self, {"flow.transforms.": f"flow.{chain}.", "prior.": "flow.prior."})
 
     @classmethod
     def from_params(cls, params: FlowPPParams, *, in_shape: Shape, build: Any) -> FlowPP:

@@ -14,7 +14,18 @@ import torch
 import flowkit
 from flowkit.build import Builder
 from flowkit.contracts.transform import Sequential, use_recompute
-from flowkit.models import Centre, Chain, FactorOut, LayoutFlow, Logit, Split, Squeeze, SqueezeLayer, Step, Unsqueeze
+from flowkit.models import (
+    Centre,
+    Chain,
+    FactorOut,
+    LayoutFlow,
+    Logit,
+    Split,
+    Squeeze,
+    SqueezeLayer,
+    Step,
+    Unsqueeze,
+)
 from flowkit.testing import check_gradients, jacobian_logabsdet, randomize_
 
 TINY_NET = {"use": "glow_cnn", "hidden": 4}

@@ -44,5 +44,5 @@ def test_the_current_keys_load_as_they_are():
     model = flowkit.build("model", "multiscale", in_shape=tuple(case["in_shape"]), **case["params"])
     other = flowkit.build("model", "multiscale", in_shape=tuple(case["in_shape"]), **case["params"])
     other.load_state_dict(model.state_dict(), strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
     assert all(key.startswith("flow.") for key in model.state_dict())
