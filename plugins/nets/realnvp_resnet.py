@@ -76,8 +76,8 @@ class RealNVPResNet(nn.Module):
         >>> net = flowkit.build("net", "realnvp_resnet", in_shape=(2, 8, 8), out_channels=4, hidden=8, blocks=1)
     """
 
-    def __init__(self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None = None,
-                 hidden: int = 64, blocks: int = 8, in_gain: float = 1.0, build: Any = None) -> None:
+    def __init__(self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None, hidden: int, blocks: int,
+                 in_gain: float, build: Any) -> None:
         super().__init__()
         if len(in_shape) != 3:
             raise ShapeError(f"RealNVPResNet expects in_shape = (C, H, W), got {tuple(in_shape)}.")
