@@ -149,7 +149,7 @@ def saved_per_image(preset: str, batch: int = 2) -> dict[str, float]:
             per_step[label[0]] = per_step.get(label[0], 0) + t.untyped_storage().nbytes()
         return t
 
-    for name, steps in (("dequantizer", deq.flow.transforms), ("model", model.flow.transforms)):
+    for name, steps in (("dequantizer", deq.flow.transforms), ("model", model.flow.chains()[0].transforms)):
         for i, step in enumerate(steps):
             step.register_forward_pre_hook(lambda *_, n=f"{name}{i}": label.__setitem__(0, n))
     x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)

@@ -97,6 +97,9 @@ def glow_problems(recipe: Recipe) -> list[str]:
             if coupling.params.mask != "channel":
                 problems.append(f'model.step.coupling.mask = "{coupling.params.mask}": nflows\' couplings split '
                                 'image channels only; use "channel".')
+            if getattr(coupling.params, "scale_fn", None) == "scaled_tanh":
+                problems.append('model.step.coupling.scale_fn = "scaled_tanh" is not composed; use "sigmoid" or '
+                                '"exp_tanh".')
             net = coupling.params.net
             if net.use != "glow_cnn":
                 problems.append(f'model.step.coupling.net.use = "{net.use}" is not "glow_cnn".')
@@ -403,13 +406,14 @@ def _compose(model: nn.Module, recipe: Recipe, in_shape: tuple[int, int, int]) -
     step_params = p.step.params
     multiscale = MultiscaleCompositeTransform(num_transforms=p.levels, split_dim=1)
     shape = tuple(in_shape)
-    levels = list(model.levels)
+    # multiscale's walker (flowkit.models.LayoutFlow): per level one chain (centring, squeeze, the
+    # level's K steps last), then its split; the top level's chain ends the flow.
+    levels, splits = model.flow.chains(), model.flow.splits()
     for index, level in enumerate(levels):
         c, h, w = shape
         channels, shape = 4 * c, (4 * c, h // 2, w // 2)
         parts: list[NflowsTransform] = [SqueezeTransform(factor=2)]
-        (stage,) = level.stages
-        for step in stage.steps.transforms:
+        for step in level.transforms[-1].transforms:
             units = list(step.transforms)
             if step_params.actnorm:
                 parts.append(_actnorm(units.pop(0), channels))
@@ -419,7 +423,7 @@ def _compose(model: nn.Module, recipe: Recipe, in_shape: tuple[int, int, int]) -
             (coupling,) = units
             parts.append(_coupling(channels, p.step.params.coupling, coupling.net))
         if index < len(levels) - 1:
-            parts += _split_prior(stage.prior, stage.keep, channels, p.split_prior.params.output_scale)
+            parts += _split_prior(splits[index].prior, splits[index].keep, channels, p.split_prior.params.output_scale)
         else:
             top = StandardizeTop(tuple(model.top_prior.loc.shape))
             top.loc.copy_(model.top_prior.loc)

@@ -1,1 +1,25 @@
-"""Shared assembly helpers for model plugins (stacks of steps, level flows)."""
+"""Shared model assembly: the layout walker (`flowkit.models.layout`) and the fixed preprocessing
+maps (`flowkit.models.preprocess`) that Glow, MaCow, Flow++, RealNVP and the VAE-flow decoder use.
+
+A model plugin lists *what* it stacks (steps, squeezes, splits) and hands the list to
+`LayoutFlow`, which builds it and walks it in both directions.
+"""
+
+from flowkit.models.layout import (
+    Chain,
+    Entry,
+    FactorOut,
+    LayoutFlow,
+    Split,
+    Squeeze,
+    SqueezeLayer,
+    Step,
+    Unsqueeze,
+    rename_state_dict_keys,
+)
+from flowkit.models.preprocess import Centre, Logit
+
+__all__ = [
+    "Centre", "Chain", "Entry", "FactorOut", "LayoutFlow", "Logit", "Split", "Squeeze", "SqueezeLayer", "Step",
+    "Unsqueeze", "rename_state_dict_keys",
+]

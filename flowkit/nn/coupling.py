@@ -4,6 +4,10 @@ Public, so a third-party coupling gets the masks, the net's construction and the
 bookkeeping by subclassing `MaskedCoupling` (the built-in ``additive`` and ``affine`` do);
 `CompactHalves` is the same split with the halves gathered into compact tensors
 (``mixlogistic``). The masks themselves are `flowkit.nn.masks`.
+
+With a spatial mask and ``mask_channel`` the net also gets the mask itself (1 on the
+conditioning pixels), as one more channel of its spatial context, after the coupling's own
+context: RealNVP's masked convolution coupling appends it to its net's input.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class MaskedCoupling(Transform):
 
     def __init__(
         self, in_shape: Shape, *, mask: MaskKind, parity: int, net: PartRef, context_shape: Shape | None,
-        build: Any, factor: int = 0,
+        build: Any, factor: int = 0, mask_channel: bool = False,
     ) -> None:
         super().__init__()
         if len(in_shape) != 3:
@@ -61,8 +65,16 @@ class MaskedCoupling(Transform):
             self.register_buffer("mask", spatial_mask(mask, height, width, parity), persistent=False)
         else:
             raise ShapeError(f'mask = "{mask}" is not one of "channel", "checkerboard", "columns".')
+        self.mask_channel = mask_channel
+        net_context = context_shape
+        if mask_channel:
+            if mask not in SPATIAL_MASKS or (context_shape is not None and len(context_shape) != 3):
+                raise ShapeError(f"{type(self).__name__} hands its net the mask as a channel of a spatial context: "
+                                 f'it needs a spatial mask and no context or a spatial one, got mask = "{mask}" and '
+                                 f"context_shape {context_shape}.")
+            net_context = (1 + (int(context_shape[0]) if context_shape else 0), height, width)
         self.net = build(
-            net, in_shape=(self.cond_channels, height, width), context_shape=context_shape,
+            net, in_shape=(self.cond_channels, height, width), context_shape=net_context,
             out_channels=self.params_per_entry * self.trans_channels,
         )
 
@@ -101,8 +113,15 @@ class MaskedCoupling(Transform):
             values = values.masked_fill(self._mask(values), 0.0)
         return values.sum(dim=(1, 2, 3))
 
+    def _net_context(self, x: Tensor, context: Tensor | None) -> Tensor | None:
+        """The net's context: the coupling's, and the mask after it with ``mask_channel``."""
+        if not self.mask_channel:
+            return context
+        mask = self._mask(x).to(x.dtype).expand(x.shape[0], 1, -1, -1)
+        return mask if context is None else torch.cat([context.to(x.dtype), mask], dim=1)
+
     def _net_output(self, x_cond: Tensor, context: Tensor | None, dtype: torch.dtype) -> Tensor:
-        return self.net(x_cond, context).to(dtype)
+        return self.net(x_cond, self._net_context(x_cond, context)).to(dtype)
 
     def _transform(self, x_trans: Tensor, h: Tensor) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
@@ -142,10 +161,11 @@ class MaskedCoupling(Transform):
         init = getattr(self.net, "initialize", None)
         if init is not None:
             x_cond, _ = self.split(x)
-            init(x_cond, context)
+            init(x_cond, self._net_context(x_cond, context))
 
     def extra_repr(self) -> str:
-        return f"in_shape={self.in_shape}, mask={self.mask_kind}, parity={self.parity}"
+        return (f"in_shape={self.in_shape}, mask={self.mask_kind}, parity={self.parity}"
+                + (", mask_channel=True" if self.mask_channel else ""))
 
 
 class CompactHalves:

@@ -5,6 +5,11 @@ which subclasses it): ``W = g · v / ‖v‖`` with one norm per output channel
 (``torch.nn.utils.weight_norm``), ``v ~ N(0, 0.05²)``, ``g = ‖v‖`` and bias 0 at construction;
 ``init`` standardises the layer's output on a batch per channel: ``g ← g · s``,
 ``b ← (b − mean) · s``, ``s = init_scale / (std + 1e-6)`` with the unbiased std.
+
+RealNVP's ``conv_layer`` with ``weight_norm`` (tensorflow/models research/real_nvp
+``real_nvp_utils.py``) is the same map with its own start, ``uniform = a``: ``v ~ U(-a, a)``
+and ``g = a · sqrt(fan_in / 12)``; without its ``scale`` there is no ``g`` (``gain = False``,
+``W = v / ‖v‖``), and a layer followed by a normalisation has no bias.
 """
 
 from __future__ import annotations
@@ -19,23 +24,33 @@ INIT_STD = 0.05  # Conv2dWeightNorm.reset_parameters: nn.init.normal_(weight, 0.
 class WeightNormConv2d(nn.Module):
     """``conv(x; g · v / ‖v‖, b)``, stride 1, with the given zero padding on every side."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int | tuple[int, int], padding: int = 0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel: int | tuple[int, int], padding: int = 0, *,
+                 bias: bool = True, gain: bool = True, uniform: float | None = None) -> None:
         super().__init__()
         kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
         self.padding = padding
-        self.weight_v = nn.Parameter(torch.randn(out_channels, in_channels, kh, kw) * INIT_STD)
-        self.weight_g = nn.Parameter(self._norm(self.weight_v.detach()))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
+        shape = (out_channels, in_channels, kh, kw)
+        if uniform is None:
+            self.weight_v = nn.Parameter(torch.randn(shape) * INIT_STD)
+            start = self._norm(self.weight_v.detach())
+        else:
+            self.weight_v = nn.Parameter((torch.rand(shape) * 2 - 1) * uniform)
+            start = torch.full((out_channels, 1, 1, 1), uniform * (in_channels * kh * kw / 12) ** 0.5)
+        self.weight_g = nn.Parameter(start) if gain else None
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     @staticmethod
     def _norm(v: Tensor) -> Tensor:
         return v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
 
     def weight(self) -> Tensor:
+        if self.weight_g is None:
+            return self.weight_v / self._norm(self.weight_v)
         return self.weight_v * (self.weight_g / self._norm(self.weight_v))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight().to(x.dtype), self.bias.to(x.dtype), padding=self.padding)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.weight().to(x.dtype), bias, padding=self.padding)
 
     @torch.no_grad()
     def initialize(self, x: Tensor, init_scale: float) -> Tensor:

@@ -1,19 +1,20 @@
-"""``coupling:affine``: Glow's affine coupling, with a RealNVP-style scale as an alternative."""
+"""``coupling:affine``: Glow's affine coupling, with RealNVP's scales as alternatives."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from flowkit import PartRef, hookimpl, param, part_field
 from flowkit.nn.coupling import MaskedCoupling
 from flowkit.nn.masks import FACTOR_DOC, MaskKind, Shape, check_factor, check_parity
 
-ScaleFn = Literal["sigmoid", "exp_tanh"]
+ScaleFn = Literal["sigmoid", "exp_tanh", "scaled_tanh"]
 Order = Literal["shift_first", "scale_first"]
 
 
@@ -23,9 +24,16 @@ class AffineParams:
     parity: int = param(0, "which half is transformed (0 or 1); alternate it between steps")
     factor: int = param(0, FACTOR_DOC)
     scale_fn: ScaleFn = param(
-        "sigmoid", "sigmoid: Glow's sigmoid(s + 2); exp_tanh: exp(clamp * tanh(s / clamp)), RealNVP-style"
+        "sigmoid", "sigmoid: Glow's sigmoid(s + 2); exp_tanh: exp(clamp * tanh(s / clamp)), RealNVP-style; "
+        "scaled_tanh: exp(a * tanh(s)) with a learned factor a, RealNVP's own"
     )
     clamp: float = param(2.0, "bound on |log scale| for scale_fn = exp_tanh")
+    scale_init: float = param(
+        1.0, "scale_fn = scaled_tanh: the learned factor a at the start (RealNVP: 0 in its checkerboard couplings, "
+        "1 in its channel couplings)")
+    mask_channel: bool = param(
+        False, "spatial masks: hand the net the mask as one more channel of its spatial context (RealNVP's "
+        "checkerboard coupling)")
     order: Order = param(
         "shift_first", "shift_first: Glow's (x + shift) * scale; scale_first: x * scale + shift (MaCow's NICE "
         "coupling, macow/flows/nice.py)")
@@ -36,6 +44,8 @@ class AffineParams:
         check_factor(self.factor)
         if not self.clamp > 0:
             raise ValueError(f"clamp = {self.clamp} must be > 0.")
+        if not math.isfinite(self.scale_init):
+            raise ValueError(f"scale_init = {self.scale_init} must be finite.")
 
 
 class AffineCoupling(MaskedCoupling):
@@ -45,9 +55,15 @@ class AffineCoupling(MaskedCoupling):
     The net maps ``(x_c, context)`` to ``2 * C_t`` channels, split into ``shift`` (first half)
     and ``s`` (second half). ``scale_fn = "sigmoid"`` gives Glow's ``scale = sigmoid(s + 2)``,
     in (0, 1), which is ``sigmoid(2) ≈ 0.88`` at initialisation (the net's last layer is zero);
-    ``"exp_tanh"`` gives ``scale = exp(clamp * tanh(s / clamp))``, the identity at initialisation.
+    ``"exp_tanh"`` gives ``scale = exp(clamp * tanh(s / clamp))``, the identity at initialisation;
+    ``"scaled_tanh"`` gives RealNVP's ``scale = exp(a tanh(s))`` with one learned factor ``a``
+    per coupling, starting at ``scale_init`` (tensorflow/models research/real_nvp: the
+    ``rescaling_scale`` of its checkerboard couplings starts at 0, the ``scale`` of its channel
+    couplings at 1).
 
     .. math:: \log|\det \partial z / \partial x| = \sum_{i \in t} \log \text{scale}_i
+
+    With ``mask_channel`` (spatial masks) the net also sees the mask, as RealNVP's does.
 
     With a checkerboard mask the sum runs over the transformed pixels only.
 
@@ -66,16 +82,21 @@ class AffineCoupling(MaskedCoupling):
         self, params: AffineParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
     ) -> None:
         super().__init__(in_shape, mask=params.mask, parity=params.parity, factor=params.factor, net=params.net,
-                         context_shape=context_shape, build=build)
+                         mask_channel=params.mask_channel, context_shape=context_shape, build=build)
         self.scale_fn = params.scale_fn
         self.clamp = params.clamp
         self.order = params.order
+        # RealNVP's learned factor of tanh: a parameter only where it is used.
+        self.scale_factor = (nn.Parameter(torch.tensor(float(params.scale_init))) if params.scale_fn == "scaled_tanh"
+                             else None)
 
     def _shift_log_scale(self, h: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = h.chunk(2, dim=1)
         if self.scale_fn == "sigmoid":
             # log(sigmoid(.)) through logsigmoid: exact where the scale underflows.
             return shift, F.logsigmoid(raw + 2.0)
+        if self.scale_fn == "scaled_tanh":
+            return shift, self.scale_factor.to(raw.dtype) * torch.tanh(raw)
         return shift, self.clamp * torch.tanh(raw / self.clamp)
 
     def _transform(self, x_trans: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,9 +18,16 @@ from flowkit_plugins.decompositions._dwt import check_bands_shape, check_image_s
 
 @dataclass(frozen=True, kw_only=True)
 class SqueezeParams:
-    order: Literal["glow", "space_to_depth"] = param(
+    order: Literal["glow", "space_to_depth", "realnvp"] = param(
         "glow", "channel order of the squeezed image: glow: 4c + 2i + j (openai/glow squeeze2d); space_to_depth: "
-        "(2i + j) C + c, TensorFlow's tf.space_to_depth on NHWC (Flow++'s released SpaceToDepth)")
+        "(2i + j) C + c, TensorFlow's tf.space_to_depth on NHWC (Flow++'s released SpaceToDepth); realnvp: "
+        "sub-pixels (0, 0), (1, 1), (0, 1), (1, 0) in that order, C channels each (RealNVP's squeeze_2x2_ordered: "
+        "the first half is the pixels with i + j even)")
+
+#: order = "realnvp": which Glow sub-pixel 2i + j each block of C channels holds (real_nvp_utils.py
+#: SQUEEZE_MATRIX: (0, 0) -> 0, (1, 1) -> 1, (0, 1) -> 2, (1, 0) -> 3), and the inverse permutation.
+REALNVP_BLOCKS = (0, 3, 1, 2)
+REALNVP_INVERSE = (0, 2, 3, 1)
 
 
 class SqueezeDecomposition(Decomposition):
@@ -36,8 +43,12 @@ class SqueezeDecomposition(Decomposition):
     multiscale and Flow++ models squeeze in Glow's layout. With ``order = "space_to_depth"``
     the channels come sub-pixel first, ``s[:, (2i + j) C + c]``, as ``tf.space_to_depth`` orders
     them (Flow++'s released ``SpaceToDepth``): the same pixels, another permutation of them,
-    which decides what a following channel coupling conditions on; `split` and `merge` (the
-    decomposition view) do not depend on it.
+    which decides what a following channel coupling conditions on (or a split factors out).
+    ``order = "realnvp"`` is RealNVP's ``squeeze_2x2_ordered`` (tensorflow/models
+    research/real_nvp/real_nvp_utils.py): sub-pixel blocks of C channels in the order
+    :math:`(0, 0), (1, 1), (0, 1), (1, 0)`, so that the first half of the channels is a
+    checkerboard of the pixels (:math:`i + j` even), which RealNVP keeps when it factors out the
+    second half. `split` and `merge` (the decomposition view) do not depend on the order.
 
     As a `Decomposition`, the same permutation is read as a "wavelet" without any filtering,
     with the channel convention of the wavelets, so that it can replace ``haar`` in a
@@ -72,19 +83,26 @@ class SqueezeDecomposition(Decomposition):
 
     def squeeze(self, x: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, 4C, H/2, W/2)`` with ``s[:, 4c + 2i + j, h, w] = x[:, c, 2h + i, 2w + j]``
-        (``order = "glow"``) or ``s[:, (2i + j) C + c, h, w]`` (``"space_to_depth"``)."""
+        (``order = "glow"``), ``s[:, (2i + j) C + c, h, w]`` (``"space_to_depth"``) or
+        ``s[:, k C + c, h, w]`` with :math:`k` the place of :math:`(i, j)` in RealNVP's order (``"realnvp"``)."""
         s = self._glow_squeeze(x)
-        if self.order == "space_to_depth":
+        if self.order != "glow":
             batch, channels4, half_h, half_w = s.shape
-            s = s.reshape(batch, channels4 // 4, 4, half_h, half_w).transpose(1, 2).reshape(s.shape)
+            s = s.reshape(batch, channels4 // 4, 4, half_h, half_w)
+            if self.order == "realnvp":
+                s = s[:, :, REALNVP_BLOCKS]
+            s = s.transpose(1, 2).reshape(batch, channels4, half_h, half_w)
         return s
 
     def unsqueeze(self, s: Tensor) -> Tensor:
         """``(B, 4C, h, w) -> (B, C, 2h, 2w)``, the inverse of `squeeze`."""
         self._check_squeezed(s)
-        if self.order == "space_to_depth":
+        if self.order != "glow":
             batch, channels4, half_h, half_w = s.shape
-            s = s.reshape(batch, 4, channels4 // 4, half_h, half_w).transpose(1, 2).reshape(s.shape)
+            s = s.reshape(batch, 4, channels4 // 4, half_h, half_w).transpose(1, 2)
+            if self.order == "realnvp":
+                s = s[:, :, REALNVP_INVERSE]
+            s = s.reshape(batch, channels4, half_h, half_w)
         return self._glow_unsqueeze(s)
 
     def _glow_squeeze(self, x: Tensor) -> Tensor:

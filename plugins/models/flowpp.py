@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from flowkit import (
-    Copies,
-    DecompositionLayer,
-    Derive,
-    DensityModel,
-    PartRef,
-    Sequential,
-    ShapeError,
-    Transform,
-    hookimpl,
-    param,
-    part_field,
-)
-from flowkit.contracts.transform import logdet_dtype, zeros_logabsdet
+from flowkit import Copies, DensityModel, Derive, PartRef, hookimpl, param, part_field
+from flowkit.models import Entry, LayoutFlow, Logit, Squeeze, Step, rename_state_dict_keys
+
+if TYPE_CHECKING:
+    from flowkit.contracts.prior import Prior
 
 Shape = tuple[int, int, int]
 
@@ -78,39 +66,16 @@ class FlowPPParams:
         ))}
 
 
-class LogitPreprocess(Transform):
-    r"""``z = logit(α + (1 - 2α) y)``: images in [0, 1) to the real line (Flow++'s ImgProc).
-
-    .. math:: \log|\det| = \sum_i \big[\log(1 - 2α) - \log p_i - \log(1 - p_i)\big],\ p = α + (1 - 2α) y
-    """
-
-    def __init__(self, alpha: float) -> None:
-        super().__init__()
-        self.alpha = alpha
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self.check_context(x, context)
-        p = self.alpha + (1 - 2 * self.alpha) * x.to(logdet_dtype(x))
-        log_p, log_1mp = torch.log(p), torch.log1p(-p)
-        logabsdet = (math.log1p(-2 * self.alpha) - log_p - log_1mp).flatten(1).sum(1)
-        return (log_p - log_1mp).to(x.dtype), logabsdet
-
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self.check_context(z, context)
-        zf = z.to(logdet_dtype(z))
-        x = (torch.sigmoid(zf) - self.alpha) / (1 - 2 * self.alpha)
-        log_deriv = F.logsigmoid(zf) + F.logsigmoid(-zf) - math.log1p(-2 * self.alpha)
-        return x.to(z.dtype), log_deriv.flatten(1).sum(1)
-
-
 class FlowPP(DensityModel):
     r"""Flow++: logit preprocessing, then coupling steps and squeezes, then a Gaussian prior.
 
     Each coupling step is a copy of ``step`` (default: a Glow step, actnorm -> invertible 1x1
     convolution -> coupling) whose coupling's ``mask`` is its layout entry; consecutive steps
     of one mask alternate the parity, as Flow++'s TupleFlip does (`FlowPPParams.copies`). ``log p(y) = log N(z) + Σ log|det|``
-    where the first term of the sum is the logit preprocessing. There is no factoring-out of
-    latents: the prior covers the whole squeezed latent, as in the paper's CIFAR-10 model.
+    where the first term of the sum is the logit preprocessing (`flowkit.models.Logit`). There
+    is no factoring-out of latents: the prior covers the whole squeezed latent, as in the
+    paper's CIFAR-10 model. The shared walker, `flowkit.models.LayoutFlow` (``self.flow``),
+    builds and walks the layout.
 
     With ``checkpoint`` each step's activations are recomputed in the backward pass
     (`torch.utils.checkpoint`, non-reentrant; dropout masks are replayed), so the memory of a
@@ -128,68 +93,45 @@ class FlowPP(DensityModel):
     def __init__(self, in_shape: Shape, params: FlowPPParams, build: Any) -> None:
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
-        self.checkpoint = params.checkpoint
-        transforms: list[Transform] = [LogitPreprocess(params.logit_alpha)]
-        shape = self.in_shape
         steps = iter(build.copies(params, "step"))
-        for index, item in enumerate(params.layout):
-            c, h, w = shape
-            if item == "squeeze":
-                if h % 2 or w % 2:
-                    raise ShapeError(f"layout[{index}] squeezes a ({c}, {h}, {w}) image; height and width must be even.")
-                layer = DecompositionLayer(build(params.squeeze), shape)
-                transforms.append(layer)
-                shape = layer.out_shape
-                continue
-            transforms.append(build(next(steps), in_shape=shape, context_shape=None))
-        self.latent_shape = shape
-        self.flow = Sequential(transforms)
-        self.prior = build(params.prior, in_shape=shape, context_shape=None)
+        layout: list[Entry] = [Step(Logit(params.logit_alpha))]
+        layout += [Squeeze(params.squeeze) if item == "squeeze" else Step(next(steps)) for item in params.layout]
+        self.flow = LayoutFlow(layout, in_shape=self.in_shape, prior=params.prior, build=build, top="total",
+                               name="Flow++", checkpoint=params.checkpoint)
+        self.latent_shape = self.flow.out_shape
+        # Checkpoints written before the walker (flow.transforms.<k>, prior) still load: the
+        # transforms are those of the walker's one chain, in the same order.
+        chain = self.flow.path(0).rsplit(".", 1)[0]  # "layers.0.transforms"
+        rename_state_dict_keys(self, {"flow.transforms.": f"flow.{chain}.", "prior.": "flow.prior."})
 
     @classmethod
     def from_params(cls, params: FlowPPParams, *, in_shape: Shape, build: Any) -> FlowPP:
         """Flow++: logistic-mixture couplings with attention nets, checkerboard and channel masks."""
         return cls(in_shape, params, build)
 
-    def _check(self, y: Tensor) -> None:
-        if y.dim() != 4 or tuple(y.shape[1:]) != self.in_shape:
-            c, h, w = self.in_shape
-            raise ShapeError(f"Flow++ expected images of shape (B, {c}, {h}, {w}), got {tuple(y.shape)}.")
+    @property
+    def prior(self) -> Prior:
+        """The Gaussian prior of the latent."""
+        return self.flow.prior
 
     def encode(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, Σ log|det|)``: the latent of images ``y`` in [0, 1) and the flow's log-det."""
-        self._check(y)
-        if self.flow.recompute and torch.is_grad_enabled():
-            # train.memory = "recompute": the whole chain at once (`Sequential.forward`), so the
-            # memory for backward is one step's, not one output per step as the loop keeps.
-            return self.flow(y)
-        z, total = y, zeros_logabsdet(y)
-        recompute = self.checkpoint and torch.is_grad_enabled()
-        for transform in self.flow.transforms:
-            if recompute and isinstance(transform, Sequential):
-                z, logabsdet = checkpoint(transform, z, use_reentrant=False)
-            else:
-                z, logabsdet = transform(z)
-            total = total + logabsdet
-        return z, total
+        (z,), logabsdet = self.flow.encode(y)
+        return z, logabsdet
 
     def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
-        z, logabsdet = self.encode(y)
-        return {"total": self.prior.log_prob(z) + logabsdet}
+        return self.flow.log_prob_parts(y)
 
     def part_dims(self) -> dict[str, int]:
-        c, h, w = self.in_shape
-        return {"total": c * h * w}
+        return self.flow.part_dims()
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        z = self.prior.sample(n, temperature=temperature)
-        return self.flow.inverse(z)[0]
+        return self.flow.sample(n, temperature)
 
     @torch.no_grad()
     def initialize(self, y: Tensor) -> None:
         """Data-dependent initialisation (actnorm) of every step, in order, on the batch ``y``."""
-        self._check(y)
         self.flow.initialize(y)
 
 

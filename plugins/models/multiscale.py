@@ -6,29 +6,23 @@ MaCow's fine-grained variant, ``splits = 2`` and a few ``bottom_depth`` steps at
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from flowkit import (
-    Copies, DecompositionLayer, DensityModel, Derive, PartRef, ShapeError, Transform, hookimpl, param, part_field,
-)
-from flowkit.contracts.model import Generated, LatentLevel
+from flowkit import Copies, DensityModel, Derive, PartRef, ShapeError, hookimpl, param, part_field
+from flowkit.contracts.model import LatentLevel
+from flowkit.models import Centre, Chain, Entry, LayoutFlow, Split, Squeeze, Step, rename_state_dict_keys
 from flowkit.params import MAX_COPIES
-from flowkit.contracts.transform import Sequential, zeros_logabsdet
 
 if TYPE_CHECKING:
     from flowkit.contracts.prior import Prior
     from flowkit.registry import RegisterFn
 
 Shape = tuple[int, int, int]
-
-#: Glow's preprocessing ``x = y - 1/2`` (a shift: log|det| = 0), so the latent is centred.
-CENTRE = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,35 +76,6 @@ class MultiscaleParams:
                 "step": Copies(((self.levels - 1) * self.splits + 1) * self.depth), "split_step": split}
 
 
-class _Stage(nn.Module):
-    """K steps, then (optionally) a split: the last ``out`` channels are factored out."""
-
-    def __init__(self, steps: Sequential, prior: Prior | None, keep: int) -> None:
-        super().__init__()
-        self.steps = steps
-        self.prior = prior
-        self.keep = keep
-
-    def out_log_prob(self, out: Tensor, kept: Tensor) -> Tensor:
-        context = kept if self.prior.context_shape is not None else None
-        return self.prior.log_prob(out, context)
-
-    def sample_out(self, kept: Tensor, temperature: float) -> Tensor:
-        context = kept if self.prior.context_shape is not None else None
-        if temperature == 0:
-            return self.prior.mean(kept.shape[0], context)
-        return self.prior.sample(kept.shape[0], context, temperature=temperature)
-
-
-class _Level(nn.Module):
-    def __init__(self, squeeze: DecompositionLayer, stages: list[_Stage], name: str, dims: int) -> None:
-        super().__init__()
-        self.squeeze = squeeze
-        self.stages = nn.ModuleList(stages)
-        self.name = name
-        self.dims = dims
-
-
 class Multiscale(DensityModel):
     r"""Glow's multi-scale flow: ``L`` levels of squeeze -> ``K`` steps -> split, with learned priors.
 
@@ -131,6 +96,10 @@ class Multiscale(DensityModel):
     which `log_prob_parts` returns as ``level1 .. level{L-1}`` and ``top``; ``part_dims``
     gives each term the dimensions it factors out (the top: those left), and they add up to D.
     Bottom steps count in ``level1`` (in ``top`` when ``L = 1``).
+
+    The model lists these parts as a layout (`layout`) and the shared walker,
+    `flowkit.models.LayoutFlow` (``self.flow``), builds and walks it: the forward and inverse
+    passes, the data-dependent initialisation and the latents all come from there.
 
     Sampling runs the inverse from the top: each factored-out part is drawn from its prior
     given the part already generated, with temperature ``T`` scaling the standard deviations
@@ -157,60 +126,59 @@ class Multiscale(DensityModel):
         self.in_shape = tuple(int(s) for s in in_shape)  # type: ignore[assignment]
         # A vector context (the VAE-flow's global latent) reaches every step, hence every coupling net.
         self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
-        _, height, width = self.in_shape
+        channels, height, width = self.in_shape
         factor = 2 ** params.levels
         if height % factor or width % factor:
             raise ShapeError(
                 f"multiscale with levels = {params.levels} squeezes {params.levels} times, so height and "
                 f"width must be divisible by {factor}; got {height}x{width} (28x28 MNIST allows levels <= 2)."
             )
+        # Every level below the top holds 2^(l+1) C channels after its squeeze; if the first one's
+        # half divides in `splits` equal parts, so do the others'.
+        if params.levels > 1 and (4 * channels) % (2 * params.splits):
+            raise ShapeError(
+                f"Level 1 of multiscale has {4 * channels} channels, whose half cannot be factored out in "
+                f"splits = {params.splits} equal parts; use a number of splits dividing {2 * channels}."
+            )
         self.params = params
-        shape: Shape = self.in_shape
+        layout, legacy = self.layout(params, build, self.context_shape)
+        self.flow = LayoutFlow(layout, in_shape=self.in_shape, prior=params.top_prior, build=build,
+                               context_shape=self.context_shape, top="top", name="multiscale")
+        self.top_shape: Shape = self.flow.out_shape
+        # Checkpoints written before the walker (levels.<l>.stages.<s>.steps, ...) still load.
+        rename_state_dict_keys(self, {old: f"flow.{self.flow.path(index)}{rest}"
+                                      for old, (index, rest) in legacy.items()} | {"top_prior.": "flow.prior."})
 
-        step_refs = iter(build.copies(params, "step"))
+    @staticmethod
+    def layout(params: MultiscaleParams, build: Callable[..., Any], context_shape: tuple[int, ...] | None,
+               ) -> tuple[list[Entry], dict[str, tuple[int, str]]]:
+        """What the model stacks: centring, the bottom steps, then per level a squeeze and, per
+        split, K steps (and the split step) and the split; at the top, K steps.
 
-        def steps(refs: Iterator[PartRef], count: int, at: Shape) -> Sequential:
-            made: list[Transform] = [build(next(refs), in_shape=at, context_shape=self.context_shape)
-                                     for _ in range(count)]
-            return Sequential(made, self.context_shape)
-
-        split_refs = iter(build.copies(params, "split_step"))
-        bottom_refs = iter(build.copies(params, "bottom_step"))
-        self.bottom = steps(bottom_refs, params.bottom_depth, shape) if params.bottom_depth else None
-        levels: list[_Level] = []
-        for index in range(1, params.levels + 1):
-            squeeze = DecompositionLayer(build(params.squeeze), shape)
-            shape = squeeze.out_shape
-            top = index == params.levels
-            stages: list[_Stage] = []
-            factored = 0
-            if top:
-                stages.append(_Stage(steps(step_refs, params.depth, shape), None, shape[0]))
-            else:
-                channels = shape[0]
-                if channels % (2 * params.splits):
-                    raise ShapeError(
-                        f"Level {index} of multiscale has {channels} channels, whose half cannot be factored "
-                        f"out in splits = {params.splits} equal parts; use a number of splits dividing "
-                        f"{channels // 2}."
-                    )
-                chunk = channels // (2 * params.splits)
-                for _ in range(params.splits):
-                    keep = shape[0] - chunk
-                    prior = build(params.split_prior, in_shape=(chunk, shape[1], shape[2]),
-                                  context_shape=(keep, shape[1], shape[2]))
-                    stage_steps = steps(step_refs, params.depth, shape)
-                    if params.split_flow:  # MaCow's prior flow, then the split
-                        stage_steps = Sequential([stage_steps, steps(split_refs, 1, shape)], self.context_shape)
-                    stages.append(_Stage(stage_steps, prior, keep))
-                    factored += chunk * shape[1] * shape[2]
-                    shape = (keep, shape[1], shape[2])
-            name = "top" if top else f"level{index}"
-            levels.append(_Level(squeeze, stages, name, factored))
-        self.levels = nn.ModuleList(levels)
-        self.top_shape: Shape = shape
-        self.top_prior = build(params.top_prior, in_shape=shape, context_shape=None)
-        levels[-1].dims = shape[0] * shape[1] * shape[2]
+        Also returns, per state_dict prefix of the structure before the walker, the layout
+        entry that holds those weights now and the rest of the path below it."""
+        steps = iter(build.copies(params, "step"))
+        split_steps = iter(build.copies(params, "split_step"))
+        layout: list[Entry] = [Step(Centre(context_shape))]
+        legacy: dict[str, tuple[int, str]] = {}
+        if params.bottom_depth:
+            legacy["bottom."] = (len(layout), ".")
+            layout.append(Step(Chain(tuple(build.copies(params, "bottom_step")))))
+        for level in range(params.levels):
+            legacy[f"levels.{level}.squeeze."] = (len(layout), ".")
+            layout.append(Squeeze(params.squeeze))
+            top = level == params.levels - 1
+            for split in range(1 if top else params.splits):
+                stage = Chain(tuple(next(steps) for _ in range(params.depth)))
+                if params.split_flow and not top:  # MaCow's prior flow, then the split
+                    stage = Chain((stage, Chain((next(split_steps),))))
+                legacy[f"levels.{level}.stages.{split}.steps."] = (len(layout), ".")
+                layout.append(Step(stage))
+                if not top:
+                    # Split i of s factors out C/(2s) of the C - i C/(2s) channels left: the last C' // (2s - i).
+                    legacy[f"levels.{level}.stages.{split}.prior."] = (len(layout), ".prior.")
+                    layout.append(Split(params.split_prior, term=f"level{level + 1}", factor=2 * params.splits - split))
+        return layout, legacy
 
     @classmethod
     def from_params(cls, params: MultiscaleParams, *, in_shape: Shape, build: Callable[..., Any],
@@ -219,77 +187,24 @@ class Multiscale(DensityModel):
         with ``context_shape`` (a vector ``(Cz,)``), every step is conditioned on a context."""
         return cls(in_shape, params, build, context_shape)
 
-    def _check(self, y: Tensor) -> None:
-        if y.dim() != 4 or tuple(y.shape[1:]) != self.in_shape:
-            raise ShapeError(
-                f"multiscale expected images of shape (B, {', '.join(map(str, self.in_shape))}), got "
-                f"{tuple(y.shape)}."
-            )
+    @property
+    def top_prior(self) -> Prior:
+        """The prior of the top latent (Glow's ``learntop``)."""
+        return self.flow.prior
 
     def part_dims(self) -> dict[str, int]:
-        return {level.name: level.dims for level in self.levels}
-
-    def _walk(self, y: Tensor, context: Tensor | None = None,
-              ) -> tuple[list[tuple[_Level, Tensor, list[tuple[_Stage, Tensor, Tensor]]]], Tensor]:
-        """The data-to-latent pass: per level, its log|det| (bottom steps count in the first
-        level) and ``(stage, kept, factored out)`` of each split; and the top latent."""
-        self._check(y)
-        h = y - CENTRE
-        logabsdet = zeros_logabsdet(h)
-        if self.bottom is not None:
-            h, logabsdet = self.bottom(h, context)
-        walked = []
-        for level in self.levels:
-            h, squeeze_logabsdet = level.squeeze(h)
-            logabsdet = logabsdet + squeeze_logabsdet
-            splits = []
-            for stage in level.stages:
-                h, step_logabsdet = stage.steps(h, context)
-                logabsdet = logabsdet + step_logabsdet
-                if stage.prior is not None:
-                    kept, out = h[:, : stage.keep], h[:, stage.keep :]
-                    splits.append((stage, kept, out))
-                    h = kept
-            walked.append((level, logabsdet, splits))
-            logabsdet = zeros_logabsdet(h)
-        return walked, h
+        return self.flow.part_dims()
 
     def log_prob_parts(self, y: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
-        walked, top = self._walk(y, context)
-        parts: dict[str, Tensor] = {}
-        for level, logabsdet, splits in walked:
-            total = logabsdet
-            for stage, kept, out in splits:
-                total = total + stage.out_log_prob(out, kept)
-            parts[level.name] = total
-        parts["top"] = parts["top"] + self.top_prior.log_prob(top)
-        return parts
+        return self.flow.log_prob_parts(y, context)
 
     def encode(self, y: Tensor, context: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
         """The latents ``[z_1 (first factored out), ..., z_top]`` and log|det| of the whole map."""
-        walked, top = self._walk(y, context)
-        latents = [out for _, _, splits in walked for _, _, out in splits] + [top]
-        return latents, torch.stack([logabsdet for _, logabsdet, _ in walked]).sum(0)
-
-    def _generate(self, h: Tensor, factored_out: Callable[[_Stage, Tensor], Tensor],
-                  context: Tensor | None = None) -> Tensor:
-        """The latent-to-data pass from the top latent ``h``; ``factored_out(stage, kept)`` gives
-        the part each split factored out (a stored latent, or a draw from its prior)."""
-        for level in reversed(self.levels):
-            for stage in reversed(level.stages):
-                if stage.prior is not None:
-                    h = torch.cat([h, factored_out(stage, h)], dim=1)
-                h, _ = stage.steps.inverse(h, context)
-            h, _ = level.squeeze.inverse(h)
-        if self.bottom is not None:
-            h, _ = self.bottom.inverse(h, context)
-        return h + CENTRE
+        return self.flow.encode(y, context)
 
     def decode(self, latents: list[Tensor], context: Tensor | None = None) -> Tensor:
         """The inverse of `encode`: latents to ``y``."""
-        latents = list(latents)
-        top = latents.pop()
-        return self._generate(top, lambda stage, kept: latents.pop(), context)
+        return self.flow.decode(latents, context)[0]
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
@@ -299,24 +214,12 @@ class Multiscale(DensityModel):
         such as MaCow's amplify along rows, most of all in an under-trained model at
         temperature 1); the run engine saturates and counts such images for every model.
         """
-        top = self.top_prior.mean(n) if temperature == 0 else self.top_prior.sample(n, temperature=temperature)
-        return self._generate(top, lambda stage, kept: stage.sample_out(kept, temperature), context)
+        return self.flow.sample(n, temperature, context)
 
     @torch.no_grad()
     def initialize(self, y: Tensor, context: Tensor | None = None) -> None:
         """Data-dependent initialisation (actnorm) of every step, level by level, on the batch ``y``."""
-        self._check(y)
-        h = y - CENTRE
-        if self.bottom is not None:
-            self.bottom.initialize(h, context)
-            h, _ = self.bottom(h, context)
-        for level in self.levels:
-            h, _ = level.squeeze(h)
-            for stage in level.stages:
-                stage.steps.initialize(h, context)
-                h, _ = stage.steps(h, context)
-                if stage.prior is not None:
-                    h = h[:, : stage.keep]
+        self.flow.initialize(y, context)
 
     # -- annealed sampling (flowkit.contracts.model.LatentLevels) ---------------------------
     def latent_levels(self) -> list[str]:
@@ -332,48 +235,7 @@ class Multiscale(DensityModel):
         if self.context_shape is not None:
             raise ShapeError("This multiscale flow is conditioned on a context (a vae_flow decoder); its latent "
                              "levels need that context, which annealed sampling does not supply.")
-        shapes = [stage.prior.shape for level in self.levels for stage in level.stages if stage.prior is not None]
-        shapes.append(self.top_shape)
-        sizes = [math.prod(shape) for shape in shapes]
-
-        def draw(temperature: float) -> Tensor:
-            drawn: list[Tensor] = []  # the factored-out parts, the last factored out first
-
-            def factored_out(stage: _Stage, kept: Tensor) -> Tensor:
-                drawn.append(stage.sample_out(kept, temperature))
-                return drawn[-1]
-
-            top = self.top_prior.mean(n) if temperature == 0 else self.top_prior.sample(n, temperature=temperature)
-            self._generate(top, factored_out)
-            return torch.cat([part.flatten(1) for part in [*reversed(drawn), top]], dim=1)
-
-        def generate(z: Tensor) -> Generated:
-            latents = [part.reshape(len(z), *shape) for part, shape in zip(z.split(sizes, dim=1), shapes, strict=True)]
-            return Generated(*self._decode_with_density(latents))
-
-        return LatentLevel(name, (sum(sizes),), draw, generate)
-
-    def _decode_with_density(self, latents: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """`decode`, also returning log p(latents) (the top prior and each split prior given the
-        part generated before it) and log|det ∂y/∂latents|, which `_generate` does not sum
-        because plain sampling never needs them."""
-        latents = list(latents)
-        h = latents.pop()
-        log_prob, logabsdet = self.top_prior.log_prob(h), zeros_logabsdet(h)
-        for level in reversed(self.levels):
-            for stage in reversed(level.stages):
-                if stage.prior is not None:
-                    out = latents.pop()
-                    log_prob = log_prob + stage.out_log_prob(out, h)
-                    h = torch.cat([h, out], dim=1)
-                h, step_logabsdet = stage.steps.inverse(h)
-                logabsdet = logabsdet + step_logabsdet
-            h, squeeze_logabsdet = level.squeeze.inverse(h)
-            logabsdet = logabsdet + squeeze_logabsdet
-        if self.bottom is not None:
-            h, bottom_logabsdet = self.bottom.inverse(h)
-            logabsdet = logabsdet + bottom_logabsdet
-        return h + CENTRE, log_prob, logabsdet
+        return self.flow.latent_level(name, n)
 
     def extra_repr(self) -> str:
         p = self.params

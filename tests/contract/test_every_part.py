@@ -45,6 +45,7 @@ TINY_GLOW_CHECKERBOARD = {"use": "glow", "coupling": {"use": "affine", "mask": "
 # mixlogistic's bisection inverse is exact only to its tol (1e-6 by default): at 1e-12 the
 # float64 checks (atol 1e-10, rtol 1e-8) apply to it as to every other part.
 TINY_MIXLOGISTIC = {"use": "mixlogistic", "components": 2, "tol": 1e-12, "net": TINY_GATED}
+TINY_REALNVP_NET = {"use": "realnvp_resnet", "hidden": 8, "blocks": 1}
 
 #: Params overrides per built-in part, where its defaults are too big for a contract check.
 SMALL: dict[tuple[str, str], dict[str, Any]] = {
@@ -68,6 +69,11 @@ SMALL: dict[tuple[str, str], dict[str, Any]] = {
                                 "base_step": {"use": "glow", "coupling": {"use": "affine", "mask": "checkerboard"}}},
     ("model", "flowpp"): {"layout": ["checkerboard", "squeeze", "channel"],
                           "step": {"use": "glow", "coupling": TINY_MIXLOGISTIC}},
+    ("net", "realnvp_resnet"): {"hidden": 8, "blocks": 1},
+    ("step", "realnvp"): {"coupling": {"net": TINY_REALNVP_NET}},
+    # 1x8x8: checkerboard steps, squeeze to 4x4x4, channel steps, factor out 2 of 4, 4 checkerboard steps.
+    ("model", "realnvp"): {"hidden": 4, "checkerboard_step": {"coupling": {"net": {"blocks": 1}}},
+                           "channel_step": {"coupling": {"net": {"blocks": 1}}}},
 }
 
 

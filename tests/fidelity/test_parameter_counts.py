@@ -29,6 +29,11 @@ FLOWPP_CIFAR10 = 31_443_440
 # XuezheMax/macow, experiments/configs/cifar10-vdq.json: 37,197,547 in the flow and 1,205,876 in
 # the dequantizer (macow/flows/{macow,glow,conv,nice}.py, macow/flows/dequant.py).
 MACOW_CIFAR10 = 37_197_547 + 1_205_876
+# tensorflow/models research/real_nvp (real_nvp_multiscale_dataset.py, real_nvp_utils.py) with the paper's
+# CIFAR-10 settings (n_scale = 2, base_dim = 64, residual_blocks = 8): the trainable variables, summed from
+# their shapes in docs/baselines/fidelity.md; 18,547 of them are batch-norm betas.
+REALNVP_CIFAR10 = 19_609_545
+REALNVP_BATCH_NORM_BETAS = 18_547
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -37,6 +42,7 @@ CASES = [
     ("glow", (3, 32, 32), GLOW_CIFAR10),
     ("flowpp", (3, 32, 32), FLOWPP_CIFAR10),
     ("macow", (3, 32, 32), MACOW_CIFAR10),
+    ("realnvp", (3, 32, 32), REALNVP_CIFAR10),
 ]
 
 
@@ -89,3 +95,14 @@ def test_the_macow_flow_is_exactly_the_reference() -> None:
     resolved = load_recipe(RECIPES / "macow.toml", plugins.registries, preset="paper")
     model = Builder(plugins.registries)(resolved.model, in_shape=(3, 32, 32))
     assert sum(p.numel() for p in model.parameters()) == 37_197_547
+
+
+def test_the_realnvp_preset_differs_from_the_reference_only_by_its_normalisations() -> None:
+    """Layer for layer the reference's, but each batch norm (one beta per channel; no gamma) is an
+    actnorm (bias and log-scale), and each coupling's output batch norm (no trainable variable)
+    an actnorm over the coupling's channels: 3 x 3, 3 x 12 and 4 x 6 channels, two parameters each."""
+    plugins = default_plugins()
+    resolved = load_recipe(RECIPES / "realnvp.toml", plugins.registries, preset="paper")
+    output_actnorms = 2 * (3 * 3 + 3 * 12 + 4 * 6)
+    counted = inspect(resolved, plugins, shape=(3, 32, 32), memory=False).params
+    assert counted == REALNVP_CIFAR10 + REALNVP_BATCH_NORM_BETAS + output_actnorms == 19_628_230

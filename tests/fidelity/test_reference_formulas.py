@@ -114,7 +114,9 @@ def test_macow_split_coupling_factors_out_the_last_quarter_then_third() -> None:
                           split_prior={"use": "gaussian"},
                           split_step={"use": "glow", "coupling": {"use": "affine", "net": {"use": "glow_cnn", "hidden": 4}}},
                           step={"use": "glow", "coupling": {"use": "affine", "net": {"use": "glow_cnn", "hidden": 4}}})
-    split_couplings = [stage.steps.transforms[1].transforms[0].transforms[-1] for stage in model.levels[0].stages]
+    # Level 1's two stages end the walker's first two chains; each is (K steps, split step).
+    split_couplings = [chain.transforms[-1].transforms[1].transforms[0].transforms[-1]
+                       for chain in model.flow.chains()[:2]]
     assert [(c.cond_channels, c.trans_channels, c.parity) for c in split_couplings] == [(9, 3, 0), (6, 3, 0)]
 
 

@@ -121,7 +121,7 @@ def test_nested_sequentials_of_a_split_flow_macow_equal_the_stored_path() -> Non
     split_step = {"use": "glow", "coupling": {"use": "additive", "net": TINY_NET}}
     model = multiscale(in_shape, step=macow, split_flow=True, split_step=split_step,
                        split_prior={"use": "gaussian"}, depth=1)
-    nested = model.levels[0].stages[0].steps
+    nested = model.flow.chains()[0].transforms[-1]  # level 1's stage: (K steps, split step)
     assert isinstance(nested.transforms[0], Sequential) and isinstance(nested.transforms[1], Sequential)
     # Unrolled to the layers (MaCow unit, its Glow step, the split step), so backward
     # recomputes one layer at a time, each only once.
@@ -181,7 +181,7 @@ def test_no_grad_and_inverse_are_unchanged() -> None:
         stored = model.log_prob(y)
         latents, _ = model.encode(y)
         use_recompute(model)
-        assert model.levels[0].stages[0].steps.recompute
+        assert model.flow.chains()[0].recompute and model.flow.chains()[0].transforms[-1].recompute
         torch.testing.assert_close(model.log_prob(y), stored, atol=0, rtol=0)
         torch.testing.assert_close(model.decode(latents), y, atol=1e-5, rtol=0)
 

@@ -174,3 +174,49 @@ def test_scale_first_is_macows_nice_coupling(plugins):
     glow = make(plugins, mask="channel")
     glow.load_state_dict(t.state_dict())
     assert not torch.allclose(glow(x)[0], z)
+
+
+def test_scaled_tanh_is_realnvps_learned_factor_of_tanh(plugins):
+    """tensorflow/models research/real_nvp: log scale = a * tanh(s), a learned scalar per coupling."""
+    t = make(plugins, scale_fn="scaled_tanh", scale_init=0.7, mask="checkerboard")
+    assert t.scale_factor.item() == pytest.approx(0.7, rel=1e-7) and t.scale_factor.requires_grad
+    randomize_(t)
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    check_transform(t, x)
+    x_cond, x_trans = t.split(x)
+    shift, raw = t.net(x_cond).chunk(2, dim=1)
+    log_scale = t.scale_factor.detach() * torch.tanh(raw)
+    z, logabsdet = t(x)
+    expected = torch.where(t.mask, x, (x + shift) * torch.exp(log_scale))
+    torch.testing.assert_close(z, expected)
+    torch.testing.assert_close(logabsdet, log_scale.masked_fill(t.mask, 0).sum(dim=(1, 2, 3)))
+    check_gradients(t, -(logabsdet - 0.5 * z.square().flatten(1).sum(1)).mean())
+    assert t.scale_factor.grad.abs() > 0
+    # a = 0 (RealNVP's checkerboard couplings start so): volume-preserving, only the shift acts.
+    zero = make(plugins, scale_fn="scaled_tanh", scale_init=0.0)
+    assert zero(x)[1].abs().max() == 0
+    assert make(plugins).scale_factor is None  # only scaled_tanh has the parameter
+
+
+def test_mask_channel_hands_the_net_the_mask_after_the_context(plugins):
+    """RealNVP's masked_conv_aff_coupling concatenates the mask to its net's input."""
+    seen = []
+    t = make(plugins, mask="checkerboard", parity=1, mask_channel=True, scale_fn="exp_tanh")
+    assert t.net.context_shape == (1, 4, 4)
+    t.net.register_forward_hook(lambda net, args, out: seen.append(args[1]))
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    t(x)
+    torch.testing.assert_close(seen[-1], t.mask.double().expand(2, 1, 4, 4))
+    randomize_(t)
+    check_transform(t, x)
+    with_context = make(plugins, mask="checkerboard", mask_channel=True, context_shape=(3, 4, 4))
+    assert with_context.net.context_shape == (4, 4, 4)
+    context = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with_context.net.register_forward_hook(lambda net, args, out: seen.append(args[1]))
+    with_context(x, context)
+    torch.testing.assert_close(seen[-1][:, :3], context)
+    torch.testing.assert_close(seen[-1][:, 3:], with_context.mask.double().expand(2, 1, 4, 4))
+    with pytest.raises(flowkit.ShapeError, match="spatial mask"):
+        make(plugins, mask="channel", mask_channel=True)
+    with pytest.raises(flowkit.ShapeError, match="spatial mask"):
+        make(plugins, mask="checkerboard", mask_channel=True, context_shape=(5,))

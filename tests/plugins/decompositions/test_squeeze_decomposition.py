@@ -84,3 +84,33 @@ def test_space_to_depth_order_is_flowpps_tf_space_to_depth() -> None:
     assert not torch.equal(s, glow) and torch.equal(s.sort(dim=1).values, glow.sort(dim=1).values)
     for a, b in zip(squeeze.split(x), SqueezeDecomposition(SqueezeParams()).split(x), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def realnvp_squeeze_2x2_ordered(x: np.ndarray) -> np.ndarray:
+    """RealNVP's squeeze_2x2_ordered on NHWC (tensorflow/models research/real_nvp/real_nvp_utils.py),
+    transcribed from what it computes: a stride-2 2x2 convolution whose kernel sends pixel (i, j) of
+    each block of channel c to output channel 4c + k, k = 0, 2, 3, 1 for (0, 0), (0, 1), (1, 0),
+    (1, 1) (its SQUEEZE_MATRIX), then the channels reordered as [4c for c] + [4c + 1 for c] + ..."""
+    b, h, w, c = x.shape
+    k_of = {(0, 0): 0, (0, 1): 2, (1, 0): 3, (1, 1): 1}
+    conv = np.zeros((b, h // 2, w // 2, 4 * c))
+    for (i, j), k in k_of.items():
+        for ch in range(c):
+            conv[..., 4 * ch + k] = x[:, i::2, j::2, ch]
+    shuffle = [4 * ch + k for k in range(4) for ch in range(c)]
+    return conv[..., shuffle]
+
+
+def test_realnvp_order_is_squeeze_2x2_ordered_and_keeps_a_checkerboard_in_its_first_half() -> None:
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    squeeze = SqueezeDecomposition(SqueezeParams(order="realnvp"))
+    s = squeeze.squeeze(x)
+    expected = realnvp_squeeze_2x2_ordered(x.permute(0, 2, 3, 1).numpy()).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(s.numpy(), expected)
+    torch.testing.assert_close(squeeze.unsqueeze(s), x, atol=0, rtol=0)
+    # First half: the pixels with i + j even ((0, 0) then (1, 1) of every block), all channels.
+    torch.testing.assert_close(s[:, :3], x[:, :, 0::2, 0::2], atol=0, rtol=0)
+    torch.testing.assert_close(s[:, 3:6], x[:, :, 1::2, 1::2], atol=0, rtol=0)
+    torch.testing.assert_close(s[:, 6:9], x[:, :, 0::2, 1::2], atol=0, rtol=0)
+    torch.testing.assert_close(s[:, 9:], x[:, :, 1::2, 0::2], atol=0, rtol=0)
+    check_decomposition(squeeze, x, atol=1e-12)

@@ -108,10 +108,8 @@ def test_sampling_at_temperature_zero_returns_the_prior_means_through_the_invers
 
         return log_prob
 
-    for level in model.levels:
-        for stage in level.stages:
-            if stage.prior is not None:
-                stage.prior.log_prob = recording(stage.prior)
+    for split in model.flow.splits():
+        split.prior.log_prob = recording(split.prior)
     latents, _ = model.encode(y0)
     model.log_prob(y0)
     assert len(seen) == len(latents) - 1 == 1
@@ -140,7 +138,8 @@ def test_initialize_runs_actnorm_initialisation_through_the_whole_stack():
     y = torch.rand(32, *in_shape) * 0.3 + 0.6
     model.initialize(y)
     assert all(bool(a.initialized) for a in actnorms)
-    first = model.bottom.transforms[0].transforms[0]  # the first actnorm sees y - 1/2
+    bottom = model.flow.chains()[0].transforms[1]  # after the centring
+    first = bottom.transforms[0].transforms[0]  # the first actnorm sees y - 1/2
     z, _ = first(y - 0.5)
     torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-4, rtol=0)
     torch.testing.assert_close(z.std(dim=(0, 2, 3), unbiased=False), torch.ones(2), atol=1e-3, rtol=0)

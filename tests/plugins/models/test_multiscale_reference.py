@@ -47,7 +47,9 @@ def tiny_model(name: str):
 @torch.no_grad()
 def generate(model, n: int, temperature: float = 1.0):
     """``(y, latents in encode's order, reference terms, Σ prior log-densities)`` from the
-    model's generative process."""
+    model's generative process, run over the modules the walker built: its chains (the
+    transforms between two splits; the first one starts with the centring and the bottom
+    steps) and its splits, from the top."""
 
     def draw(prior, context):
         return prior.sample(n, context, temperature=temperature) if temperature else prior.mean(n, context)
@@ -56,25 +58,24 @@ def generate(model, n: int, temperature: float = 1.0):
     terms = {"top": model.top_prior.log_prob(top)}
     priors = terms["top"]
     factored = []  # in generation order: the last factored out first
-    for level in reversed(model.levels):
-        term = terms.get(level.name, torch.zeros(n, dtype=torch.float64))
-        for stage in reversed(level.stages):
-            if stage.prior is not None:
-                context = h if stage.prior.context_shape is not None else None
-                out = draw(stage.prior, context)
-                log_p = stage.prior.log_prob(out, context)
-                term, priors = term + log_p, priors + log_p
-                factored.append(out)
-                h = torch.cat([h, out], dim=1)
-            h, inv_logabsdet = stage.steps.inverse(h)
+    chains, splits = model.flow.chains(), model.flow.splits()
+    chain_terms = [split.term for split in splits] + ["top"]  # level l's chains end in its splits
+    assert chain_terms[:-1] == sorted(chain_terms[:-1]) and all(t.startswith("level") for t in chain_terms[:-1])
+    for index in reversed(range(len(chains))):
+        term = terms.get(chain_terms[index], torch.zeros(n, dtype=torch.float64))
+        if index < len(splits):
+            split = splits[index]
+            context = h if split.prior.context_shape is not None else None
+            out = draw(split.prior, context)
+            log_p = split.prior.log_prob(out, context)
+            term, priors = term + log_p, priors + log_p
+            factored.append(out)
+            h = torch.cat([h, out], dim=1)
+        for transform in reversed(chains[index].transforms):
+            h, inv_logabsdet = transform.inverse(h)
             term = term - inv_logabsdet
-        h, inv_logabsdet = level.squeeze.inverse(h)
-        terms[level.name] = term - inv_logabsdet
-    if model.bottom is not None:
-        h, inv_logabsdet = model.bottom.inverse(h)
-        first = model.levels[0].name
-        terms[first] = terms[first] - inv_logabsdet
-    return h + 0.5, [*reversed(factored), top], terms, priors
+        terms[chain_terms[index]] = term
+    return h, [*reversed(factored), top], terms, priors
 
 
 @pytest.mark.parametrize("name", CONFIGS)
