@@ -90,7 +90,7 @@ class FlowPP(DensityModel):
         Ho et al., "Flow++", ICML 2019; github.com/aravindsrinivas/flowpp, flows/run_cifar.py.
     """
 
-    def __init__(self, in_shape: Shape, params: FlowPPParams, build: Any) -> None:
+    def __init__(self, params: FlowPPParams, *, in_shape: Shape, build: Any) -> None:
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
         steps = iter(build.copies(params, "step"))
@@ -103,11 +103,6 @@ class FlowPP(DensityModel):
         # transforms are those of the walker's one chain, in the same order.
         chain = self.flow.path(0).rsplit(".", 1)[0]  # "layers.0.transforms"
         rename_state_dict_keys(self, {"flow.transforms.": f"flow.{chain}.", "prior.": "flow.prior."})
-
-    @classmethod
-    def from_params(cls, params: FlowPPParams, *, in_shape: Shape, build: Any) -> FlowPP:
-        """Flow++: logistic-mixture couplings with attention nets, checkerboard and channel masks."""
-        return cls(in_shape, params, build)
 
     @property
     def prior(self) -> Prior:
@@ -137,5 +132,5 @@ class FlowPP(DensityModel):
 
 @hookimpl
 def flowkit_register_models(register: Any) -> None:
-    register("flowpp", FlowPP.from_params, params=FlowPPParams,
+    register("flowpp", FlowPP, params=FlowPPParams,
              summary="Flow++: logistic-mixture couplings, attention nets, checkerboard and channel steps")

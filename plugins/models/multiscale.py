@@ -120,7 +120,7 @@ class Multiscale(DensityModel):
         torch.Size([4])
     """
 
-    def __init__(self, in_shape: Shape, params: MultiscaleParams, build: Callable[..., Any],
+    def __init__(self, params: MultiscaleParams, *, in_shape: Shape, build: Callable[..., Any],
                  context_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)  # type: ignore[assignment]
@@ -179,13 +179,6 @@ class Multiscale(DensityModel):
                     legacy[f"levels.{level}.stages.{split}.prior."] = (len(layout), ".prior.")
                     layout.append(Split(params.split_prior, term=f"level{level + 1}", factor=2 * params.splits - split))
         return layout, legacy
-
-    @classmethod
-    def from_params(cls, params: MultiscaleParams, *, in_shape: Shape, build: Callable[..., Any],
-                    context_shape: tuple[int, ...] | None = None) -> Multiscale:
-        """Glow's multi-scale flow (squeeze, K steps, split; learned priors) with any registered step;
-        with ``context_shape`` (a vector ``(Cz,)``), every step is conditioned on a context."""
-        return cls(in_shape, params, build, context_shape)
 
     @property
     def top_prior(self) -> Prior:
@@ -247,5 +240,5 @@ class Multiscale(DensityModel):
 def flowkit_register_models(register: RegisterFn) -> None:
     # contexts: built with a vector context (the VAE-flow's decoder), every step, hence every
     # coupling net, is conditioned on it.
-    register("multiscale", Multiscale.from_params, params=MultiscaleParams, contexts=("vector",),
+    register("multiscale", Multiscale, params=MultiscaleParams, contexts=("vector",),
              summary="Glow's multi-scale flow (squeeze, K steps, split; learned priors) with any step")

@@ -89,7 +89,7 @@ class RealNVP(DensityModel):
         (real_nvp_multiscale_dataset.py, real_nvp_utils.py).
     """
 
-    def __init__(self, in_shape: Shape, params: RealNVPParams, build: Callable[..., Any]) -> None:
+    def __init__(self, params: RealNVPParams, *, in_shape: Shape, build: Callable[..., Any]) -> None:
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)  # type: ignore[assignment]
         _, height, width = self.in_shape
@@ -112,11 +112,6 @@ class RealNVP(DensityModel):
             layout += [Step(next(channel)) for _ in range(3)] + [Unsqueeze(params.squeeze)]
             layout += [Squeeze(params.factor_squeeze), Split(params.split_prior, term=f"level{scale}")]
         return layout + [Step(next(checker)) for _ in range(4)]
-
-    @classmethod
-    def from_params(cls, params: RealNVPParams, *, in_shape: Shape, build: Callable[..., Any]) -> RealNVP:
-        """RealNVP's multi-scale flow: checkerboard and channel affine couplings, factor-outs, N(0, I)."""
-        return cls(in_shape, params, build)
 
     def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
         return self.flow.log_prob_parts(y)
@@ -154,5 +149,5 @@ class RealNVP(DensityModel):
 
 @hookimpl
 def flowkit_register_models(register: Any) -> None:
-    register("realnvp", RealNVP.from_params, params=RealNVPParams,
+    register("realnvp", RealNVP, params=RealNVPParams,
              summary="RealNVP: checkerboard and channel affine couplings, multi-scale factor-outs, N(0, I) priors")

@@ -28,13 +28,12 @@ from torch import Tensor
 
 from flowkit import DensityModel, FlowkitError, PartRef, ShapeError, hookimpl, param, part_field
 from flowkit.contracts.model import LatentVariable
+from flowkit.models import Centre
 from flowkit_plugins.models._global_encoder import GlobalEncoder, Norm
 from flowkit_plugins.models._latent_prior import LOG_2PI, FlowPrior, LatentPrior, StandardNormalPrior
 
 Shape = tuple[int, int, int]
 
-#: Data y in [0, 1) is centred before the encoder, as the decoder centres it.
-CENTRE = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,21 +139,14 @@ class VAEFlow(DensityModel, LatentVariable):
                                    else FlowPrior(params.latent_dim, params.prior_steps, params.prior_hidden))
         self.decoder = decoder
 
-    @classmethod
-    def from_params(cls, params: VAEFlowParams, *, in_shape: Shape, build: Any) -> DensityModel:
-        """The global/local VAE-flow; with ``latent_dim = 0``, the decoder alone (no z)."""
-        in_shape = tuple(int(s) for s in in_shape)  # type: ignore[assignment]
-        if params.latent_dim == 0:
-            return build(params.decoder, in_shape=in_shape)
-        return cls(params, in_shape, build_decoder(build, params.decoder, in_shape, params.latent_dim))
-
     # -- q(z | y) ----------------------------------------------------------------------------
     def posterior(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, logvar)`` of q(z | y), each ``(B, latent_dim)``."""
         if y.dim() != 4 or tuple(y.shape[1:]) != self.in_shape:
             raise ShapeError(f"vae_flow expected images of shape (B, {', '.join(map(str, self.in_shape))}), got "
                              f"{tuple(y.shape)}.")
-        mu, logvar = self.encoder(y - CENTRE)
+        # Centred as the decoder's first step centres it (Glow's y - 1/2).
+        mu, logvar = self.encoder(y - Centre.shift)
         # In at least float32 when the encoder runs under bf16 autocast: the KL and log q need it.
         dtype = torch.promote_types(y.dtype, torch.float32)
         return mu.to(dtype), logvar.to(dtype)
@@ -220,9 +212,18 @@ class VAEFlow(DensityModel, LatentVariable):
         return f"in_shape={self.in_shape}, latent_dim={p.latent_dim}, prior={p.prior}"
 
 
+def make_vae_flow(params: VAEFlowParams, *, in_shape: Shape, build: Any) -> DensityModel:
+    """The global/local VAE-flow; with ``latent_dim = 0``, the decoder alone (no z), which is
+    why the factory is a function: it does not always build a `VAEFlow`."""
+    in_shape = tuple(int(s) for s in in_shape)  # type: ignore[assignment]
+    if params.latent_dim == 0:
+        return build(params.decoder, in_shape=in_shape)
+    return VAEFlow(params, in_shape, build_decoder(build, params.decoder, in_shape, params.latent_dim))
+
+
 @hookimpl
 def flowkit_register_models(register: Any) -> None:
-    register("vae_flow", VAEFlow.from_params, params=VAEFlowParams,
+    register("vae_flow", make_vae_flow, params=VAEFlowParams,
              summary="global/local VAE-flow (Ma et al. 2021): q(z|y), p(z), and a flow decoder conditioned on z")
 
 
@@ -268,13 +269,14 @@ def flowkit_add_commands(cli: Any) -> None:
         each column's image (the first row and column show the images; the diagonal
         reconstructs them): swap-T<temperature>.png in RUN_DIR/samples."""
         from flowkit.cli.public import console
+        from flowkit.runs.rundir import grid_name
         from flowkit_plugins.models._vae_grids import pick_test_images, write_swap_grid
 
         rundir, session, model = _trained_vae_flow(ctx, run_dir)
         seed = sampling.seed_or(session.recipe.sample.seed)  # also chooses the test images
         x = pick_test_images(session, sampling.n, seed, "--images")
         for temperature in _temperatures(sampling.temperatures):
-            path = write_swap_grid(session, model, x, rundir.samples / f"swap-T{temperature:g}.png",
+            path = write_swap_grid(session, model, x, rundir.samples / grid_name("swap", temperature, ".png"),
                                    temperature=temperature, seed=seed)
             console.print(f"wrote {path}")
 

@@ -76,9 +76,10 @@ class RealNVPResNet(nn.Module):
         >>> net = flowkit.build("net", "realnvp_resnet", in_shape=(2, 8, 8), out_channels=4, hidden=8, blocks=1)
     """
 
-    def __init__(self, in_shape: Shape, *, out_channels: int, context_shape: Shape | None, hidden: int, blocks: int,
-                 in_gain: float, build: Any) -> None:
+    def __init__(self, params: RealNVPResNetParams, *, in_shape: Shape, out_channels: int,
+                 context_shape: Shape | None = None, build: Any = None) -> None:
         super().__init__()
+        hidden, blocks, in_gain = params.hidden, params.blocks, params.in_gain
         if len(in_shape) != 3:
             raise ShapeError(f"RealNVPResNet expects in_shape = (C, H, W), got {tuple(in_shape)}.")
         if build is None:
@@ -106,13 +107,6 @@ class RealNVPResNet(nn.Module):
         self.norm_out = norm(hidden)
         self.conv_out = _conv(hidden, out_channels, 1, gain=True)
         self.out_channels = out_channels
-
-    @classmethod
-    def from_params(cls, params: RealNVPResNetParams, *, in_shape: Shape, out_channels: int,
-                    context_shape: Shape | None = None, build: Any = None) -> RealNVPResNet:
-        """RealNVP's coupling resnet: CReLU input, skip connections, weight norm, actnorm for batch norm."""
-        return cls(in_shape, out_channels=out_channels, context_shape=context_shape, hidden=params.hidden,
-                   blocks=params.blocks, in_gain=params.in_gain, build=build)
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         if (context is None) != (self.form is None):
@@ -157,5 +151,5 @@ class RealNVPResNet(nn.Module):
 
 @hookimpl
 def flowkit_register_nets(register: Any) -> None:
-    register("realnvp_resnet", RealNVPResNet.from_params, params=RealNVPResNetParams,
+    register("realnvp_resnet", RealNVPResNet, params=RealNVPResNetParams,
              summary="RealNVP's coupling resnet: CReLU input, skip connections, weight norm, actnorm for batch norm")

@@ -38,21 +38,18 @@ class RealNVPStep(Sequential):
         ...                      coupling={"net": {"use": "realnvp_resnet", "hidden": 8, "blocks": 1}})
     """
 
-    @classmethod
-    def from_params(
-        cls, params: RealNVPStepParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
-    ) -> RealNVPStep:
-        """RealNVP coupling layer: a coupling, then actnorm where the reference normalises by batch."""
+    def __init__(
+        self, params: RealNVPStepParams, *, in_shape: Shape, context_shape: Shape | None = None, build: Any
+    ) -> None:
         shapes = {"in_shape": tuple(in_shape), "context_shape": context_shape}
         parts: list[Transform] = [build(params.coupling, **shapes)]
         if params.actnorm:
             parts.append(build(PartRef("transform", "actnorm"), **shapes))
-        step = cls(parts, context_shape=context_shape)
-        step.in_shape = tuple(in_shape)
-        return step
+        super().__init__(parts, context_shape=context_shape)
+        self.in_shape = tuple(in_shape)
 
 
 @hookimpl
 def flowkit_register_steps(register: Any) -> None:
-    register("realnvp", RealNVPStep.from_params, params=RealNVPStepParams,
+    register("realnvp", RealNVPStep, params=RealNVPStepParams,
              summary="RealNVP coupling layer: a coupling, then actnorm where the reference has batch norm")
