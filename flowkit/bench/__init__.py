@@ -3,7 +3,8 @@
 - `harness`: a recipe's trainer, built and initialised on a throwaway run directory, and its
   step as a `timing.Contender`;
 - `timing`: alternating rounds, CUDA peaks, bytes saved for backward, host-synchronisation check;
-- `nflows_glow`: the same multiscale Glow composed from nflows' transforms, with flowkit's weights;
+- `likelihood`: the check that a reference implementation (a model's `HasReferences`, such as
+  multiscale's nflows Glow, which lives in its plugin) computes the same log-likelihood;
 - `side_by_side`: ``flowkit bench``'s measurement; `table`: its table.
 
 Imports go downwards only: this package uses `flowkit.runs`, and only `flowkit.cli` uses it.

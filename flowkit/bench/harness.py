@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowkit.bench.nflows_glow import NflowsGlow
 from flowkit.bench.timing import Contender
+from flowkit.contracts.model import Reference
 from flowkit.errors import FlowkitError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe, load_recipe
@@ -159,9 +159,9 @@ def flowkit_contender(prep: Prepared) -> Contender:
                      train_loss=train_loss)
 
 
-def nflows_contender(reference: NflowsGlow, recipe: Recipe, device: torch.device) -> Contender:
-    """The nflows composition with its own Adam (the recipe's lr and betas) and the recipe's
-    clipping, in float32, eager."""
+def reference_contender(name: str, reference: Reference, recipe: Recipe, device: torch.device) -> Contender:
+    """A reference implementation (`flowkit.contracts.model.Reference`) with its own Adam (the
+    recipe's lr and betas) and the recipe's clipping, in float32, eager."""
     reference = reference.to(device)
     train = recipe.train
     optimizer = torch.optim.Adam(reference.parameters(), lr=train.lr, betas=tuple(train.betas))
@@ -173,5 +173,5 @@ def nflows_contender(reference: NflowsGlow, recipe: Recipe, device: torch.device
             torch.nn.utils.clip_grad_norm_(reference.parameters(), train.grad_clip)
         optimizer.step()
 
-    return Contender("nflows", train_step, reference.loss, reference.sample, [reference], optimizer,
+    return Contender(name, train_step, reference.loss, reference.sample, [reference], optimizer,
                      dtype=precision("off", device), train_loss=reference.loss)

@@ -1,5 +1,6 @@
-"""``flowkit bench``'s measurement: flowkit's training step, and with ``against = "nflows"`` the
-same Glow composed from nflows' transforms, timed in alternating rounds in one process."""
+"""``flowkit bench``'s measurement: flowkit's training step, and with ``against`` a reference
+implementation the model offers (nflows' Glow for multiscale), timed in alternating rounds in one
+process."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from typing import Any
 
 import torch
 
-from flowkit.bench.harness import flowkit_contender, nflows_contender, prepared
-from flowkit.bench.nflows_glow import LikelihoodCheck, check_multiscale_glow, compare_log_likelihoods, nflows_glow
+from flowkit.bench.harness import Prepared, flowkit_contender, prepared, reference_contender
+from flowkit.bench.likelihood import LikelihoodCheck, compare_log_likelihoods
 from flowkit.bench.timing import Figures, measure
-from flowkit.errors import FlowkitError
+from flowkit.contracts.model import HasReferences
+from flowkit.errors import FlowkitError, RecipeError
 from flowkit.plugins import Plugins
-from flowkit.recipes.load import load_recipe
 
 #: Images of the fixed batch both log-likelihoods are compared on.
 CHECK_IMAGES = 8
@@ -62,25 +63,43 @@ def machine() -> dict[str, Any]:
 def run_bench(path: str | Path, plugins: Plugins, *, preset: str | None = None, overrides: Sequence[str] = (),
               shape: tuple[int, int, int] | None = None, batch: int | None = None, device: str | None = None,
               against: str | None = None, rounds: int = 6, steps: int = 5) -> BenchResult:
-    """Builds, initialises and times the recipe; with ``against = "nflows"`` also the same Glow
-    from nflows' transforms, its weights copied from flowkit's after initialisation."""
-    if against not in (None, "nflows"):
-        raise FlowkitError(f'--against {against} is not known; the only reference is "nflows".')
+    """Builds, initialises and times the recipe; with ``against`` also the reference of that name
+    the model offers (`flowkit.contracts.model.HasReferences`: multiscale offers nflows' Glow),
+    its weights copied from flowkit's after initialisation, checked to compute the same
+    log-likelihood, and timed in alternating rounds."""
     if rounds < 1 or steps < 1:
         raise FlowkitError(f"--rounds {rounds} and --steps {steps} must be at least 1.")
-    if against:  # refuse before anything is built
-        check_multiscale_glow(load_recipe(path, plugins.registries, preset=preset, overrides=overrides))
     with prepared(path, plugins, preset=preset, overrides=overrides, shape=shape, batch=batch,
                   device=device) as prep:
         contenders = [flowkit_contender(prep)]
         check = None
         if against:
             model = prep.session.model
-            reference = nflows_glow(model, prep.recipe, prep.shape)
+            check_reference(prep, against)  # before anything is timed
+            reference = model.reference(against, prep.recipe.data.params.n_bits)
             fixed = torch.Generator().manual_seed(1)
             x = prep.batches[0][:CHECK_IMAGES].cpu()
             y = ((x.float() + torch.rand(x.shape, generator=fixed)) / 2.0**prep.recipe.data.params.n_bits)
             check = compare_log_likelihoods(model, reference, y.to(prep.session.device))
-            contenders.append(nflows_contender(reference, prep.recipe, prep.session.device))
+            contenders.append(reference_contender(against, reference, prep.recipe, prep.session.device))
         figures = measure(contenders, prep.batches, rounds=rounds, steps=steps)
         return BenchResult(str(path), preset or "", list(overrides), prep.shape, rounds, figures, check, machine())
+
+
+def check_reference(prep: Prepared, name: str) -> None:
+    """A `RecipeError` naming every reason the recipe's model has no reference ``name``: the model
+    offers none of that name, or its configuration is one the reference does not compose, or a
+    learned dequantizer (the reference dequantizes uniformly, so the two would train different
+    objectives)."""
+    recipe, session = prep.recipe, prep.session
+    model = session.model
+    if not isinstance(model, HasReferences) or name not in model.references():
+        offered = ", ".join(model.references()) if isinstance(model, HasReferences) else "none"
+        raise RecipeError(f'--against {name}: model.use = "{recipe.model.use}" offers no reference "{name}" '
+                          f"(its references: {offered}).", recipe.source)
+    problems = [f"--against {name}: {problem}" for problem in model.reference_problems(name)]
+    if any(p.requires_grad for p in session.dequantizer.parameters()):
+        problems.append(f'--against {name}: the reference dequantizes uniformly; dequantizer.use = '
+                        f'"{recipe.dequantizer.use}" is learned. Use "uniform".')
+    if problems:
+        raise RecipeError(problems, recipe.source)

@@ -1,5 +1,5 @@
 """The one table of ``flowkit bench``: a row per figure, a column per implementation, and the
-ratio flowkit / nflows. Built here, printed by the CLI."""
+ratio flowkit / reference. Built here, printed by the CLI."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def bench_table(result: BenchResult) -> Table:
         table.add_column(escape(f.name), justify="right")
     compared = len(figures) > 1
     if compared:
-        table.add_column("flowkit / nflows", justify="right")
+        table.add_column(escape(f"{figures[0].name} / {figures[1].name}"), justify="right")
 
     def row(label: str, show: Callable[[Figures], str], key: str | None = None) -> None:
         cells = [show(f) for f in figures]
@@ -56,7 +56,7 @@ def bench_table(result: BenchResult) -> Table:
     row("train images/s, median", attr("train_images_per_s_median", _number), "train_images_per_s_median")
     row("ms/step, best", attr("ms_per_step", _number), "ms_per_step")
     row("eval images/s (log-likelihood, no grad)", attr("eval_images_per_s", _number), "eval_images_per_s")
-    row("sampling images/s (T = 1" + ("; nflows: inverse from its prior)" if compared else ")"),
+    row("sampling images/s (T = 1" + (f"; {figures[1].name}: inverse from its prior)" if compared else ")"),
         attr("sample_images_per_s", _number),
         "sample_images_per_s")
     if first.device.startswith("cuda"):

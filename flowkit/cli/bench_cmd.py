@@ -1,5 +1,6 @@
 """``flowkit bench RECIPE``: training, evaluation and sampling speed and memory in one table,
-optionally beside the same Glow composed from nflows' transforms (``--against nflows``)."""
+optionally beside a reference implementation the model offers (``--against nflows``: multiscale's
+Glow composed from nflows' transforms)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ def register(cli: click.Group) -> None:
     @click.option("--batch", type=click.IntRange(min=1), help="Images per training step (= --set train.batch_size=B).")
     @click.option("--device", help='Device (= --set train.device=D): "cpu", "cuda", "cuda:1", ...')
     @click.option("--shape", help="Synthetic uint8 images of this shape C,H,W instead of the recipe's dataset.")
-    @click.option("--against", type=click.Choice(["nflows"]),
-                  help="Also time the same Glow composed from nflows' transforms, in alternating rounds.")
+    @click.option("--against", metavar="NAME",
+                  help="Also time the model's reference implementation NAME, in alternating rounds (multiscale "
+                       "offers nflows: the same Glow from nflows' transforms).")
     @click.option("--rounds", type=click.IntRange(min=1), default=6, show_default=True,
                   help="Alternating rounds per implementation (figures: the best and the median).")
     @click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
@@ -34,8 +36,9 @@ def register(cli: click.Group) -> None:
                       steps: int, as_json: bool) -> None:
         """Time RECIPE's training step (the trainer's own: loss, backward, clipping, optimiser),
         its evaluation (log-likelihood without gradients) and its sampling, and measure memory.
-        With --against nflows, the same Glow built from nflows' transforms with flowkit's weights
-        copied in (their log-likelihoods are checked equal) is timed in the same process."""
+        With --against NAME, a reference implementation the model offers (multiscale: nflows, the
+        same Glow built from nflows' transforms) with flowkit's weights copied in (their
+        log-likelihoods are checked equal) is timed in the same process."""
         from flowkit.bench.side_by_side import run_bench
         from flowkit.bench.table import bench_table
         result = run_bench(recipe, get_plugins(ctx), preset=preset, overrides=overrides, shape=_shape(shape),

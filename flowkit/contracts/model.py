@@ -1,7 +1,8 @@
 """Density models: what the run engine trains, evaluates and samples, and their optional abilities.
 
 Every model is a `DensityModel`. Abilities only some models have are Protocols
-(`IndependentTerms`, `SuperResolution`, `LatentLevels`, `LatentVariable`): the run engine and the CLI ask
+(`IndependentTerms`, `SuperResolution`, `LatentLevels`, `LatentVariable`, `HasReferences`): the run
+engine and the CLI ask
 ``isinstance(model, IndependentTerms)``, never ``hasattr``, and a model declares an ability by
 implementing its methods (subclassing the Protocol as well documents it).
 """
@@ -163,3 +164,41 @@ class LatentVariable(Protocol):
 
     def log_joint_sample(self, y: Tensor) -> Tensor: ...
 
+
+
+@runtime_checkable
+class Reference(Protocol):
+    """Another library's implementation of a flowkit model, holding that model's weights (a
+    ``torch.nn.Module``): what ``flowkit bench --against NAME`` times beside flowkit's.
+
+    - ``log_prob(y) -> (B,)``: log p(y) of images in ``[0, 1)``, as the flowkit model's;
+    - ``loss(x)``: mean bits/dim of integer images ``x`` under its own uniform dequantization
+      (log q = 0), the training objective timed;
+    - ``sample(n) -> (n, C, H, W)``: images at temperature 1.
+    """
+
+    def log_prob(self, y: Tensor) -> Tensor: ...
+
+    def loss(self, x: Tensor) -> Tensor: ...
+
+    def sample(self, n: int) -> Tensor: ...
+
+
+@runtime_checkable
+class HasReferences(Protocol):
+    """A model that other libraries can compose with its own weights (multiscale: nflows' Glow).
+    ``flowkit bench --against NAME`` asks for it; the composition lives with the model's plugin,
+    so the core never reads a model's insides.
+
+    - ``references()``: the names it offers (``("nflows",)``);
+    - ``reference_problems(name)``: why this model's configuration cannot be composed, one
+      sentence per difference naming its recipe key (empty: it can);
+    - ``reference(name, n_bits, dtype)``: the `Reference`, on the CPU in ``dtype``, with this
+      model's current weights.
+    """
+
+    def references(self) -> tuple[str, ...]: ...
+
+    def reference_problems(self, name: str) -> list[str]: ...
+
+    def reference(self, name: str, n_bits: int, dtype: torch.dtype = torch.float32) -> Reference: ...

@@ -17,6 +17,7 @@ from flowkit import Copies, DensityModel, Derive, PartRef, ShapeError, hookimpl,
 from flowkit.contracts.model import LatentLevel
 from flowkit.models import Centre, Chain, Entry, LayoutFlow, Split, Squeeze, Step, rename_state_dict_keys
 from flowkit.params import MAX_COPIES
+from flowkit_plugins.models._multiscale_nflows import NflowsGlow, glow_problems, nflows_glow
 
 if TYPE_CHECKING:
     from flowkit.contracts.prior import Prior
@@ -229,6 +230,26 @@ class Multiscale(DensityModel):
             raise ShapeError("This multiscale flow is conditioned on a context (a vae_flow decoder); its latent "
                              "levels need that context, which annealed sampling does not supply.")
         return self.flow.latent_level(name, n)
+
+    # -- the same model from nflows' transforms (flowkit.contracts.model.HasReferences) ------
+    def references(self) -> tuple[str, ...]:
+        """``flowkit bench --against nflows``: nflows' own Glow composition, these weights copied."""
+        return ("nflows",)
+
+    def reference_problems(self, name: str) -> list[str]:
+        self._check_reference(name)
+        problems = glow_problems(self.params)
+        if self.context_shape is not None:
+            problems.append("nflows composes an unconditional Glow; this model is conditioned on a context.")
+        return problems
+
+    def reference(self, name: str, n_bits: int, dtype: torch.dtype = torch.float32) -> NflowsGlow:
+        self._check_reference(name)
+        return nflows_glow(self, n_bits, dtype)
+
+    def _check_reference(self, name: str) -> None:
+        if name not in self.references():
+            raise ShapeError(f'multiscale offers the references {", ".join(self.references())}, not "{name}".')
 
     def extra_repr(self) -> str:
         p = self.params

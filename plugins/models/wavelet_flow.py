@@ -29,7 +29,16 @@ import torch
 from torch import Tensor, nn
 
 from flowkit import (
-    Copies, Derive, DensityModel, IndependentTerms, PartRef, ShapeError, SuperResolution, hookimpl, param, part_field,
+    Copies,
+    DensityModel,
+    Derive,
+    IndependentTerms,
+    PartRef,
+    ShapeError,
+    SuperResolution,
+    hookimpl,
+    param,
+    part_field,
 )
 from flowkit.contracts.model import Generated, LatentLevel, LatentLevels
 from flowkit.contracts.transform import Sequential

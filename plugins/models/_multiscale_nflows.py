@@ -31,15 +31,16 @@ compute the same function:
   same family, so the copy converts ``shift = bias * scale`` and no override is needed.
 
 `nflows_glow` copies a built (and initialised) flowkit ``multiscale`` model's weights into the
-composition; `compare_log_likelihoods` checks that both give the same log-likelihood.
+composition, which the multiscale model offers as its reference ``"nflows"``
+(`flowkit.contracts.model.HasReferences`); ``flowkit bench --against nflows`` checks that both give
+the same log-likelihood (`flowkit.bench.likelihood`) and times them side by side. It lives with
+the plugin it mirrors, so the core knows nothing of multiscale's insides.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,22 +58,18 @@ from nflows.transforms.standard import PointwiseAffineTransform
 from nflows.utils import torchutils
 from torch import Tensor, nn
 
-from flowkit.errors import FlowkitError, RecipeError
-from flowkit.recipes.load import Recipe
+from flowkit.errors import FlowkitError
 
-#: What ``--against nflows`` accepts, in words, for the refusal message.
-SUPPORTED = ('a multiscale Glow: model.use = "multiscale" (splits = 1, no bottom or split-flow steps, '
-             'squeeze = "squeeze") with step.use = "glow" (invconv = "lu"), an affine or additive coupling with a '
-             'channel mask and a glow_cnn net (blocks = 0, edge_bias = false), split_prior = "conditional_gaussian" '
-             '(hidden = 0, edge_bias = false), top_prior = "learned_gaussian", and dequantizer.use = "uniform"')
+#: What nflows' transforms compose, in words, for the refusal message.
+SUPPORTED = ('a multiscale Glow: splits = 1, no bottom or split-flow steps, squeeze = "squeeze", step.use = '
+             '"glow" (invconv = "lu"), an affine or additive coupling with a channel mask and a glow_cnn net '
+             '(blocks = 0, edge_bias = false), split_prior = "conditional_gaussian" (hidden = 0, edge_bias = '
+             'false), top_prior = "learned_gaussian"')
 
 
-def glow_problems(recipe: Recipe) -> list[str]:
-    """Why ``recipe`` is not a multiscale Glow that nflows' transforms can compose (empty: it is)."""
-    model = recipe.model
-    if model.use != "multiscale":
-        return [f'model.use = "{model.use}" is not "multiscale".']
-    p = model.params
+def glow_problems(p: Any) -> list[str]:
+    """Why the multiscale model of Params ``p`` is not a Glow that nflows' transforms can compose,
+    one sentence per difference naming its recipe key (empty: it is)."""
     problems = []
     if p.splits != 1:
         problems.append(f"model.splits = {p.splits}: MultiscaleCompositeTransform factors out half the channels "
@@ -114,17 +111,7 @@ def glow_problems(recipe: Recipe) -> list[str]:
                         f"hidden = {split.params.hidden}, edge_bias = {str(split.params.edge_bias).lower()}.")
     if p.top_prior.use != "learned_gaussian":
         problems.append(f'model.top_prior.use = "{p.top_prior.use}" is not "learned_gaussian".')
-    if recipe.dequantizer.use != "uniform":
-        problems.append(f'dequantizer.use = "{recipe.dequantizer.use}" is not "uniform".')
-    return problems
-
-
-def check_multiscale_glow(recipe: Recipe) -> None:
-    """Raises `RecipeError` unless nflows' transforms can compose the recipe's model."""
-    problems = glow_problems(recipe)
-    if problems:
-        raise RecipeError([f"--against nflows composes {SUPPORTED}; this recipe differs: {problem}"
-                           for problem in problems], recipe.source)
+    return [f"nflows composes {SUPPORTED}; this model differs: {problem}" for problem in problems]
 
 
 # -- the modules around nflows' transforms -------------------------------------------------
@@ -172,7 +159,7 @@ class GlowNet(nn.Module):
             if self.logs is not None:
                 self.logs.copy_(net.logs)
         except (AttributeError, RuntimeError, IndexError) as exc:
-            raise FlowkitError(f"flowkit's glow_cnn no longer has the layout flowkit/bench/nflows_glow.py copies "
+            raise FlowkitError(f"flowkit's glow_cnn no longer has the layout plugins/models/_multiscale_nflows.py copies "
                                f"({type(exc).__name__}: {exc}); update GlowNet.copy_from.") from None
 
 
@@ -386,23 +373,22 @@ def _split_prior(prior: nn.Module, keep: int, channels: int, output_scale: bool)
     return [SplitPrior(mask, make_net), Permutation(front, dim=1)]
 
 
-def nflows_glow(model: nn.Module, recipe: Recipe, in_shape: tuple[int, int, int],
-                dtype: torch.dtype = torch.float32) -> NflowsGlow:
-    """The nflows composition of ``recipe``'s multiscale Glow, with ``model``'s current weights
-    (``model``: the flowkit ``multiscale`` built from ``recipe``, on any device; the result
-    is on the CPU in ``dtype``, which the copied weights are rounded to)."""
-    check_multiscale_glow(recipe)
+def nflows_glow(model: nn.Module, n_bits: int, dtype: torch.dtype = torch.float32) -> NflowsGlow:
+    """The nflows composition of the flowkit ``multiscale`` ``model``, with its current weights
+    (on any device; the result is on the CPU in ``dtype``, which the copied weights are rounded
+    to). ``glow_problems(model.params)`` must be empty."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the modules are made in dtype, so the copies round only once
     try:
-        return _compose(model, recipe, tuple(in_shape))
+        return _compose(model, n_bits)
     finally:
         torch.set_default_dtype(default)
 
 
 @torch.no_grad()
-def _compose(model: nn.Module, recipe: Recipe, in_shape: tuple[int, int, int]) -> NflowsGlow:
-    p = recipe.model.params
+def _compose(model: nn.Module, n_bits: int) -> NflowsGlow:
+    p = model.params
+    in_shape = tuple(model.in_shape)
     step_params = p.step.params
     multiscale = MultiscaleCompositeTransform(num_transforms=p.levels, split_dim=1)
     shape = tuple(in_shape)
@@ -433,45 +419,4 @@ def _compose(model: nn.Module, recipe: Recipe, in_shape: tuple[int, int, int]) -
         shape = hidden if hidden is not None else shape
     transform = CompositeTransform([PointwiseAffineTransform(shift=-0.5, scale=1.0), multiscale])
     flow = Flow(transform, StandardNormal([math.prod(in_shape)]))
-    return NflowsGlow(flow, in_shape, recipe.data.params.n_bits)
-
-
-@dataclass(frozen=True)
-class LikelihoodCheck:
-    """Both models' log p(y) on one fixed batch, in float64 copies of their weights."""
-
-    images: int
-    dims: int
-    max_abs_per_dim: float  # max over images of |log p_flowkit - log p_nflows| / D, nats per dimension
-    max_relative: float  # max over images of |difference| / |log p_flowkit|
-    tolerance: float  # per-dimension absolute
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_per_dim <= self.tolerance
-
-    def sentence(self) -> str:
-        verdict = "agree" if self.passed else "DIFFER"
-        return (f"log-likelihoods {verdict} on a fixed batch of {self.images} images (float64 copies of both "
-                f"models' weights): max |Δ log p| / D = {self.max_abs_per_dim:.1e} nats per dimension "
-                f"(tolerance {self.tolerance:.0e}, per-dimension absolute), max relative "
-                f"{self.max_relative:.1e}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "dims": self.dims, "max_abs_per_dim": self.max_abs_per_dim,
-                "max_relative": self.max_relative, "tolerance": self.tolerance, "passed": self.passed,
-                "kind": "per-dimension absolute, float64"}
-
-
-@torch.no_grad()
-def compare_log_likelihoods(model: nn.Module, reference: NflowsGlow, y: Tensor,
-                            tolerance: float = 1e-4) -> LikelihoodCheck:
-    """log p(y) of flowkit's ``model`` and the nflows ``reference``, both in float64 on ``y``'s
-    device (deep copies: the timed models are left as they are)."""
-    ours, theirs = copy.deepcopy(model).double().eval(), copy.deepcopy(reference).double().eval()
-    y = y.double()
-    a = ours.log_prob(y)
-    b = theirs.to(y.device).log_prob(y)
-    dims = math.prod(y.shape[1:])
-    diff = (a - b).abs()
-    return LikelihoodCheck(len(y), dims, float(diff.max()) / dims, float((diff / a.abs()).max()), tolerance)
+    return NflowsGlow(flow, in_shape, n_bits)
