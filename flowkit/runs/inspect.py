@@ -34,14 +34,17 @@ def count_parameters(*modules: nn.Module) -> int:
 
 
 def parts_of(module: nn.Module, prefix: str, depth: int = 2) -> dict[str, int]:
-    """Parameters of the submodules ``depth`` levels down (fewer where a branch ends)."""
+    """Parameters of the submodules ``depth`` levels down (fewer where a branch ends). A module
+    with one child and no parameters of its own (a model wrapping its layout flow) is not a
+    level of its own: the table shows what that child holds."""
     children = [(name, child) for name, child in module.named_children() if count_parameters(child)]
     if depth == 0 or not children:
         return {prefix: count_parameters(module)}
+    own = count_parameters(module) - sum(count_parameters(c) for _, c in children)
+    passes_through = len(list(module.children())) == 1 and not own
     out = {}
     for name, child in children:
-        out.update(parts_of(child, f"{prefix}.{name}", depth - 1))
-    own = count_parameters(module) - sum(count_parameters(c) for _, c in children)
+        out.update(parts_of(child, f"{prefix}.{name}", depth if passes_through else depth - 1))
     if own:
         out[f"{prefix} (own)"] = own
     return out
