@@ -1,5 +1,6 @@
-"""Shared model assembly: the layout walker (`flowkit.models.layout`) and the fixed preprocessing
-maps (`flowkit.models.preprocess`) that Glow, MaCow, Flow++, RealNVP and the VAE-flow decoder use.
+"""Shared model assembly: the layout walker (`flowkit.models.layout`), the model that is one
+layout flow (`flowkit.models.model.LayoutModel`) and the fixed preprocessing maps
+(`flowkit.models.preprocess`) that Glow, MaCow, Flow++, RealNVP and the VAE-flow decoder use.
 
 A model plugin lists *what* it stacks (steps, squeezes, splits) and hands the list to
 `LayoutFlow`, which builds it and walks it in both directions.
@@ -17,9 +18,10 @@ from flowkit.models.layout import (
     Unsqueeze,
     rename_state_dict_keys,
 )
+from flowkit.models.model import LayoutModel, OneLatentLevel
 from flowkit.models.preprocess import Centre, Logit
 
 __all__ = [
-    "Centre", "Chain", "Entry", "FactorOut", "LayoutFlow", "Logit", "Split", "Squeeze", "SqueezeLayer", "Step",
-    "Unsqueeze", "rename_state_dict_keys",
+    "Centre", "Chain", "Entry", "FactorOut", "LayoutFlow", "LayoutModel", "Logit", "OneLatentLevel", "Split",
+    "Squeeze", "SqueezeLayer", "Step", "Unsqueeze", "rename_state_dict_keys",
 ]

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
-from flowkit import Copies, DensityModel, Derive, PartRef, hookimpl, param, part_field
-from flowkit.models import Entry, LayoutFlow, Logit, Squeeze, Step, rename_state_dict_keys
+from flowkit import Copies, Derive, PartRef, hookimpl, param, part_field
+from flowkit.models import Entry, LayoutFlow, LayoutModel, Logit, Squeeze, Step, rename_state_dict_keys
 
 if TYPE_CHECKING:
     from flowkit.contracts.prior import Prior
@@ -66,7 +65,7 @@ class FlowPPParams:
         ))}
 
 
-class FlowPP(DensityModel):
+class FlowPP(LayoutModel):
     r"""Flow++: logit preprocessing, then coupling steps and squeezes, then a Gaussian prior.
 
     Each coupling step is a copy of ``step`` (default: a Glow step, actnorm -> invertible 1x1
@@ -113,21 +112,6 @@ class FlowPP(DensityModel):
         """``(z, Σ log|det|)``: the latent of images ``y`` in [0, 1) and the flow's log-det."""
         (z,), logabsdet = self.flow.encode(y)
         return z, logabsdet
-
-    def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
-        return self.flow.log_prob_parts(y)
-
-    def part_dims(self) -> dict[str, int]:
-        return self.flow.part_dims()
-
-    @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        return self.flow.sample(n, temperature)
-
-    @torch.no_grad()
-    def initialize(self, y: Tensor) -> None:
-        """Data-dependent initialisation (actnorm) of every step, in order, on the batch ``y``."""
-        self.flow.initialize(y)
 
 
 @hookimpl

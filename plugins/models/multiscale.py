@@ -11,11 +11,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
-from flowkit import Copies, DensityModel, Derive, PartRef, ShapeError, hookimpl, param, part_field
-from flowkit.contracts.model import LatentLevel
-from flowkit.models import Centre, Chain, Entry, LayoutFlow, Split, Squeeze, Step, rename_state_dict_keys
+from flowkit import Copies, Derive, PartRef, ShapeError, hookimpl, param, part_field
+from flowkit.models import (
+    Centre,
+    Chain,
+    Entry,
+    LayoutFlow,
+    LayoutModel,
+    OneLatentLevel,
+    Split,
+    Squeeze,
+    Step,
+    rename_state_dict_keys,
+)
 from flowkit.params import MAX_COPIES
 from flowkit_plugins.models._multiscale_nflows import NflowsGlow, glow_problems, nflows_glow
 
@@ -77,7 +86,7 @@ class MultiscaleParams:
                 "step": Copies(((self.levels - 1) * self.splits + 1) * self.depth), "split_step": split}
 
 
-class Multiscale(DensityModel):
+class Multiscale(OneLatentLevel, LayoutModel):
     r"""Glow's multi-scale flow: ``L`` levels of squeeze -> ``K`` steps -> split, with learned priors.
 
     Data ``y`` in ``[0, 1)^D`` is centred, ``x = y - 1/2`` (Glow's preprocessing; a shift, so
@@ -185,51 +194,6 @@ class Multiscale(DensityModel):
     def top_prior(self) -> Prior:
         """The prior of the top latent (Glow's ``learntop``)."""
         return self.flow.prior
-
-    def part_dims(self) -> dict[str, int]:
-        return self.flow.part_dims()
-
-    def log_prob_parts(self, y: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
-        return self.flow.log_prob_parts(y, context)
-
-    def encode(self, y: Tensor, context: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
-        """The latents ``[z_1 (first factored out), ..., z_top]`` and log|det| of the whole map."""
-        return self.flow.encode(y, context)
-
-    def decode(self, latents: list[Tensor], context: Tensor | None = None) -> Tensor:
-        """The inverse of `encode`: latents to ``y``."""
-        return self.flow.decode(latents, context)[0]
-
-    @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
-        """``n`` images, drawn at ``temperature`` (0: every prior at its mean), unclamped.
-
-        A latent far in the tails can make the exact inverse overflow (autoregressive inverses
-        such as MaCow's amplify along rows, most of all in an under-trained model at
-        temperature 1); the run engine saturates and counts such images for every model.
-        """
-        return self.flow.sample(n, temperature, context)
-
-    @torch.no_grad()
-    def initialize(self, y: Tensor, context: Tensor | None = None) -> None:
-        """Data-dependent initialisation (actnorm) of every step, level by level, on the batch ``y``."""
-        self.flow.initialize(y, context)
-
-    # -- annealed sampling (flowkit.contracts.model.LatentLevels) ---------------------------
-    def latent_levels(self) -> list[str]:
-        """One level, the whole latent: each split prior depends on the parts generated before it."""
-        return ["latent"]
-
-    def latent_level(self, name: str, given: Tensor | None, n: int) -> LatentLevel:
-        """The latents of `encode` flattened into one ``(n, D)`` tensor; their density is the top
-        prior times each split prior given the part generated before it."""
-        if name != "latent" or given is not None:
-            raise ShapeError(f"multiscale has one latent level, 'latent', given nothing; got {name!r} given "
-                             f"{None if given is None else tuple(given.shape)}.")
-        if self.context_shape is not None:
-            raise ShapeError("This multiscale flow is conditioned on a context (a vae_flow decoder); its latent "
-                             "levels need that context, which annealed sampling does not supply.")
-        return self.flow.latent_level(name, n)
 
     # -- the same model from nflows' transforms (flowkit.contracts.model.HasReferences) ------
     def references(self) -> tuple[str, ...]:

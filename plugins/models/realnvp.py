@@ -6,12 +6,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from flowkit import Copies, DensityModel, Derive, PartRef, ShapeError, hookimpl, param, part_field
-from flowkit.contracts.model import LatentLevel
-from flowkit.models import Entry, LayoutFlow, Logit, Split, Squeeze, Step, Unsqueeze
+from flowkit import Copies, Derive, PartRef, ShapeError, hookimpl, param, part_field
+from flowkit.models import (
+    Entry,
+    LayoutFlow,
+    LayoutModel,
+    Logit,
+    OneLatentLevel,
+    Split,
+    Squeeze,
+    Step,
+    Unsqueeze,
+)
 
 Shape = tuple[int, int, int]
 
@@ -64,7 +70,7 @@ class RealNVPParams:
         return {"checkerboard_step": rules(checker, "checkerboard", 1), "channel_step": rules(channel, "channel", 2)}
 
 
-class RealNVP(DensityModel):
+class RealNVP(OneLatentLevel, LayoutModel):
     r"""RealNVP: logit preprocessing, then per scale coupling steps and a factor-out of half the
     dimensions, each with an N(0, I) prior.
 
@@ -112,39 +118,6 @@ class RealNVP(DensityModel):
             layout += [Step(next(channel)) for _ in range(3)] + [Unsqueeze(params.squeeze)]
             layout += [Squeeze(params.factor_squeeze), Split(params.split_prior, term=f"level{scale}")]
         return layout + [Step(next(checker)) for _ in range(4)]
-
-    def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
-        return self.flow.log_prob_parts(y)
-
-    def part_dims(self) -> dict[str, int]:
-        return self.flow.part_dims()
-
-    def encode(self, y: Tensor) -> tuple[list[Tensor], Tensor]:
-        """The latents ``[z_1 (first factored out), ..., z_top]`` and log|det| of the whole map."""
-        return self.flow.encode(y)
-
-    def decode(self, latents: list[Tensor]) -> Tensor:
-        """The inverse of `encode`."""
-        return self.flow.decode(latents)[0]
-
-    @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        return self.flow.sample(n, temperature)
-
-    @torch.no_grad()
-    def initialize(self, y: Tensor) -> None:
-        """Data-dependent initialisation (every actnorm), in layout order, on the batch ``y``."""
-        self.flow.initialize(y)
-
-    # -- annealed sampling (flowkit.contracts.model.LatentLevels): the whole latent, one level --
-    def latent_levels(self) -> list[str]:
-        return ["latent"]
-
-    def latent_level(self, name: str, given: Tensor | None, n: int) -> LatentLevel:
-        if name != "latent" or given is not None:
-            raise ShapeError(f"realnvp has one latent level, 'latent', given nothing; got {name!r} given "
-                             f"{None if given is None else tuple(given.shape)}.")
-        return self.flow.latent_level(name, n)
 
 
 @hookimpl
