@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowkit.errors import ShapeError
+from flowkit.nn.guidance import Guidance, GuidedNet, GuidedPrior
 from flowkit.params import PartRef, declared_copies, make_copy
 from flowkit.recipes.schema import validate_params
 from flowkit.registry import Registries
@@ -25,10 +26,16 @@ class Builder:
 
     ``built`` records ``(path, params)`` of every part that came from the recipe, in build
     order, so a test can compare what was built with the resolved recipe.
+
+    With ``guidance`` (a class-conditional build, `flowkit.models.conditional`), every net and
+    every prior it builds is wrapped (`flowkit.nn.guidance.GuidedNet`, ``GuidedPrior``), so
+    guided sampling mixes each one's conditional and unconditional outputs without code of its
+    own in any part.
     """
 
-    def __init__(self, registries: Registries) -> None:
+    def __init__(self, registries: Registries, *, guidance: Guidance | None = None) -> None:
         self.registries = registries
+        self.guidance = guidance
         self.built: list[tuple[str, Any]] = []
 
     def __call__(self, ref: PartRef, **shape_kwargs: Any) -> Any:
@@ -47,7 +54,12 @@ class Builder:
                                  f'{", ".join(part.contexts)}); {self._takers(ref.kind, form)}')
         if ref.path:
             self.built.append((ref.path, params))
-        return part.factory(params, build=self, **shape_kwargs)
+        made = part.factory(params, build=self, **shape_kwargs)
+        if self.guidance is not None and ref.kind == "net":
+            return GuidedNet(made, self.guidance)
+        if self.guidance is not None and ref.kind == "prior":
+            return GuidedPrior(made, self.guidance)
+        return made
 
     def accepts(self, ref: PartRef, form: str) -> bool:
         """Whether the part ``ref`` names takes a context of ``form`` (``"vector"``, ``"spatial"``),

@@ -1,8 +1,8 @@
 """Density models: what the run engine trains, evaluates and samples, and their optional abilities.
 
 Every model is a `DensityModel`. Abilities only some models have are Protocols
-(`IndependentTerms`, `SuperResolution`, `LatentLevels`, `LatentVariable`, `HasReferences`): the run
-engine and the CLI ask
+(`IndependentTerms`, `SuperResolution`, `LatentLevels`, `LatentVariable`, `HasReferences`,
+`ClassConditional`): the run engine and the CLI ask
 ``isinstance(model, IndependentTerms)``, never ``hasattr``, and a model declares an ability by
 implementing its methods (subclassing the Protocol as well documents it).
 """
@@ -33,6 +33,12 @@ class DensityModel(nn.Module):
     - ``initialize(y)``: explicit data-dependent initialisation (actnorm), before training.
     - ``parameter_groups() -> dict[str, list[Parameter]]``: groups with their own gradient
       clipping (Wavelet Flow: one per level).
+
+    A model registered with ``contexts=("vector",)`` and built with ``context_shape = (Cc,)``
+    takes ``context``, ``(B, Cc)``, as the last argument of ``log_prob_parts``,
+    ``log_prob_terms``, ``sample`` and ``initialize``, and hands it to every coupling net and
+    every prior that takes one (the VAE-flow's global latent; a class one-hot:
+    `flowkit.models.conditional`).
     """
 
     in_shape: Shape
@@ -202,3 +208,30 @@ class HasReferences(Protocol):
     def reference_problems(self, name: str) -> list[str]: ...
 
     def reference(self, name: str, n_bits: int, dtype: torch.dtype = torch.float32) -> Reference: ...
+
+
+@runtime_checkable
+class ClassConditional(Protocol):
+    """A density of images given a class, ``p(y | c)``, with labels ``0 .. K-1`` and ``K`` for "no
+    class" (the unconditional model that label dropout trains in the same network). Any model
+    that takes a vector context is one once built with a class context
+    (`flowkit.models.conditional.ClassConditioned`, which the run engine builds for
+    ``data.labels = true``).
+
+    - ``num_classes``: K.
+    - ``log_prob(y, labels) -> (B,)``: ``log p(y | labels)`` in nats.
+    - ``log_prob_per_class(y) -> (B, K)``: under every class, for the marginal and the Bayes
+      classifier.
+    - ``sample(n, temperature, labels, guidance=None)``: images of a class (an int, one per
+      image, or None: no class); with ``guidance`` ``w``, classifier-free guidance, whose samples
+      have no exact density.
+    """
+
+    num_classes: int
+
+    def log_prob(self, y: Tensor, labels: Tensor) -> Tensor: ...
+
+    def log_prob_per_class(self, y: Tensor) -> Tensor: ...
+
+    def sample(self, n: int, temperature: float = 1.0, labels: Tensor | int | None = None,
+               guidance: float | None = None) -> Tensor: ...

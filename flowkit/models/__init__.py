@@ -18,10 +18,11 @@ from flowkit.models.layout import (
     Unsqueeze,
     rename_state_dict_keys,
 )
+from flowkit.models.conditional import ClassConditioned
 from flowkit.models.model import LayoutModel, OneLatentLevel
 from flowkit.models.preprocess import Centre, Logit
 
 __all__ = [
-    "Centre", "Chain", "Entry", "FactorOut", "LayoutFlow", "LayoutModel", "Logit", "OneLatentLevel", "Split",
+    "Centre", "Chain", "ClassConditioned", "Entry", "FactorOut", "LayoutFlow", "LayoutModel", "Logit", "OneLatentLevel", "Split",
     "Squeeze", "SqueezeLayer", "Step", "Unsqueeze", "rename_state_dict_keys",
 ]

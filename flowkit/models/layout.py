@@ -225,7 +225,9 @@ class LayoutFlow(nn.Module):
         self.layers = nn.ModuleList()
         self._paths: list[str] = []  # per layout entry: where its module is, relative to this flow
         self._build(list(layout), build)
-        self.prior: Prior = build(prior, in_shape=self.out_shape, context_shape=None)
+        # The top prior is built with the flow's context: a prior that takes it (learned_gaussian
+        # with ycond: Glow's class-conditional top prior) is conditioned, the others ignore it.
+        self.prior: Prior = build(prior, in_shape=self.out_shape, context_shape=self.context_shape)
         splits = self.splits()
         # A chain's log-det counts in the term of the split that ends it, the last chain's in `top`.
         self._chain_terms = [s.term for s in splits] + [top]
@@ -362,7 +364,7 @@ class LayoutFlow(nn.Module):
         parts, factored, top = self._walk(x, context)
         for split, kept, out in factored:
             parts[split.term] = parts[split.term] + split.log_prob(out, kept)
-        parts[self.top] = parts[self.top] + self.prior.log_prob(top)
+        parts[self.top] = parts[self.top] + self.prior.log_prob(top, self._top_context(context))
         return parts
 
     def encode(self, x: Tensor, context: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
@@ -396,7 +398,7 @@ class LayoutFlow(nn.Module):
         generated before it. ``(x, log_prob, logabsdet)``: log p(x) = log_prob - logabsdet."""
         latents = list(latents)
         top = latents.pop()
-        log_prob = self.prior.log_prob(top)
+        log_prob = self.prior.log_prob(top, self._top_context(context))
 
         def factored_out(split: FactorOut, kept: Tensor) -> Tensor:
             nonlocal log_prob
@@ -407,13 +409,20 @@ class LayoutFlow(nn.Module):
         x, logabsdet = self._unwalk(top, factored_out, context)
         return x, log_prob, logabsdet
 
-    def draw_top(self, n: int, temperature: float) -> Tensor:
-        return self.prior.mean(n) if temperature == 0 else self.prior.sample(n, temperature=temperature)
+    def _top_context(self, context: Tensor | None) -> Tensor | None:
+        """The flow's context as the top prior takes it: none for a prior that ignores it."""
+        return context if self.prior.context_shape is not None else None
+
+    def draw_top(self, n: int, temperature: float, context: Tensor | None = None) -> Tensor:
+        context = self._top_context(context)
+        if temperature == 0:
+            return self.prior.mean(n, context)
+        return self.prior.sample(n, context, temperature=temperature)
 
     def sample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
         """``n`` draws: the top latent from the top prior, then each factored-out part from its
         prior given the part generated so far, at ``temperature`` (0: the means)."""
-        top = self.draw_top(n, temperature)
+        top = self.draw_top(n, temperature, context)
         return self._unwalk(top, lambda split, kept: split.draw(kept, temperature), context)[0]
 
     # -- initialisation and annealed sampling ---------------------------------------------------------

@@ -7,7 +7,9 @@ bookkeeping by subclassing `MaskedCoupling` (the built-in ``additive`` and ``aff
 
 With a spatial mask and ``mask_channel`` the net also gets the mask itself (1 on the
 conditioning pixels), as one more channel of its spatial context, after the coupling's own
-context: RealNVP's masked convolution coupling appends it to its net's input.
+context: RealNVP's masked convolution coupling appends it to its net's input. A vector context
+(a class one-hot) is then broadcast over the pixels before the mask, so the net gets one spatial
+context (`flowkit.contracts.context`'s rule for a part with both).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flowkit.contracts.context import context_form
 from flowkit.contracts.transform import Transform, logdet_dtype, zeros_logabsdet
 from flowkit.errors import ShapeError
 from flowkit.nn.masks import SPATIAL_MASKS, MaskKind, Shape, spatial_mask
@@ -68,10 +71,10 @@ class MaskedCoupling(Transform):
         self.mask_channel = mask_channel
         net_context = context_shape
         if mask_channel:
-            if mask not in SPATIAL_MASKS or (context_shape is not None and len(context_shape) != 3):
+            if mask not in SPATIAL_MASKS:
                 raise ShapeError(f"{type(self).__name__} hands its net the mask as a channel of a spatial context: "
-                                 f'it needs a spatial mask and no context or a spatial one, got mask = "{mask}" and '
-                                 f"context_shape {context_shape}.")
+                                 f'it needs a spatial mask, got mask = "{mask}".')
+            context_form(context_shape, self.in_shape, type(self).__name__)  # a vector, or a map of this size
             net_context = (1 + (int(context_shape[0]) if context_shape else 0), height, width)
         self.net = build(
             net, in_shape=(self.cond_channels, height, width), context_shape=net_context,
@@ -118,7 +121,11 @@ class MaskedCoupling(Transform):
         if not self.mask_channel:
             return context
         mask = self._mask(x).to(x.dtype).expand(x.shape[0], 1, -1, -1)
-        return mask if context is None else torch.cat([context.to(x.dtype), mask], dim=1)
+        if context is None:
+            return mask
+        if context.dim() == 2:  # a vector (a class one-hot), broadcast over the pixels: one spatial context
+            context = context[:, :, None, None].expand(-1, -1, *x.shape[2:])
+        return torch.cat([context.to(x.dtype), mask], dim=1)
 
     def _net_output(self, x_cond: Tensor, context: Tensor | None, dtype: torch.dtype) -> Tensor:
         return self.net(x_cond, self._net_context(x_cond, context)).to(dtype)

@@ -89,14 +89,17 @@ class FlowPP(LayoutModel):
         Ho et al., "Flow++", ICML 2019; github.com/aravindsrinivas/flowpp, flows/run_cifar.py.
     """
 
-    def __init__(self, params: FlowPPParams, *, in_shape: Shape, build: Any) -> None:
+    def __init__(self, params: FlowPPParams, *, in_shape: Shape, build: Any,
+                 context_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
+        # A vector context (a class one-hot) reaches every step, hence every coupling net.
+        self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
         steps = iter(build.copies(params, "step"))
-        layout: list[Entry] = [Step(Logit(params.logit_alpha))]
+        layout: list[Entry] = [Step(Logit(params.logit_alpha, self.context_shape))]
         layout += [Squeeze(params.squeeze) if item == "squeeze" else Step(next(steps)) for item in params.layout]
         self.flow = LayoutFlow(layout, in_shape=self.in_shape, prior=params.prior, build=build, top="total",
-                               name="Flow++", checkpoint=params.checkpoint)
+                               name="Flow++", checkpoint=params.checkpoint, context_shape=self.context_shape)
         self.latent_shape = self.flow.out_shape
         # Checkpoints written before the walker (flow.transforms.<k>, prior) still load: the
         # transforms are those of the walker's one chain, in the same order.
@@ -108,13 +111,13 @@ class FlowPP(LayoutModel):
         """The Gaussian prior of the latent."""
         return self.flow.prior
 
-    def encode(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z, Σ log|det|)``: the latent of images ``y`` in [0, 1) and the flow's log-det."""
-        (z,), logabsdet = self.flow.encode(y)
+        (z,), logabsdet = self.flow.encode(y, context)
         return z, logabsdet
 
 
 @hookimpl
 def flowkit_register_models(register: Any) -> None:
-    register("flowpp", FlowPP, params=FlowPPParams,
+    register("flowpp", FlowPP, params=FlowPPParams, contexts=("vector",),
              summary="Flow++: logistic-mixture couplings, attention nets, checkerboard and channel steps")

@@ -95,24 +95,29 @@ class RealNVP(OneLatentLevel, LayoutModel):
         (real_nvp_multiscale_dataset.py, real_nvp_utils.py).
     """
 
-    def __init__(self, params: RealNVPParams, *, in_shape: Shape, build: Callable[..., Any]) -> None:
+    def __init__(self, params: RealNVPParams, *, in_shape: Shape, build: Callable[..., Any],
+                 context_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)  # type: ignore[assignment]
+        # A vector context (a class one-hot) reaches every step, hence every coupling net.
+        self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
         _, height, width = self.in_shape
         factor = 2 ** (params.scales - 1)
         if height % factor or width % factor:
             raise ShapeError(f"realnvp with scales = {params.scales} halves the image {params.scales - 1} times, so "
                              f"height and width must be divisible by {factor}; got {height}x{width}.")
         self.params = params
-        self.flow = LayoutFlow(self.layout(params, build), in_shape=self.in_shape, prior=params.top_prior,
-                               build=build, top="top", name="realnvp")
+        self.flow = LayoutFlow(self.layout(params, build, self.context_shape), in_shape=self.in_shape,
+                               prior=params.top_prior, build=build, top="top", name="realnvp",
+                               context_shape=self.context_shape)
 
     @staticmethod
-    def layout(params: RealNVPParams, build: Callable[..., Any]) -> list[Entry]:
+    def layout(params: RealNVPParams, build: Callable[..., Any],
+               context_shape: tuple[int, ...] | None = None) -> list[Entry]:
         """What RealNVP stacks, data side first (the class docstring)."""
         checker = iter(build.copies(params, "checkerboard_step"))
         channel = iter(build.copies(params, "channel_step"))
-        layout: list[Entry] = [Step(Logit(params.logit_alpha))]
+        layout: list[Entry] = [Step(Logit(params.logit_alpha, context_shape))]
         for scale in range(1, params.scales):
             layout += [Step(next(checker)) for _ in range(3)] + [Squeeze(params.squeeze)]
             layout += [Step(next(channel)) for _ in range(3)] + [Unsqueeze(params.squeeze)]
@@ -122,5 +127,5 @@ class RealNVP(OneLatentLevel, LayoutModel):
 
 @hookimpl
 def flowkit_register_models(register: Any) -> None:
-    register("realnvp", RealNVP, params=RealNVPParams,
+    register("realnvp", RealNVP, params=RealNVPParams, contexts=("vector",),
              summary="RealNVP: checkerboard and channel affine couplings, multi-scale factor-outs, N(0, I) priors")

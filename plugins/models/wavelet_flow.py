@@ -40,6 +40,7 @@ from flowkit import (
     param,
     part_field,
 )
+from flowkit.contracts.context import VectorContext
 from flowkit.contracts.model import Generated, LatentLevel, LatentLevels
 from flowkit.contracts.transform import Sequential
 from flowkit.params import MAX_COPIES
@@ -107,9 +108,13 @@ class Conditioner(nn.Module):
     """Features of the normalised low-pass image, computed once per level and shared by its steps.
 
     The normalised image itself is concatenated to the features, so couplings always see it.
+    With a vector context (a class one-hot: ``context_dim``), a zero-initialised projection of it
+    is added to the first layer's features before the ReLU (`flowkit.contracts.context.VectorContext`;
+    with ``depth = 0``, it is appended as ``channels`` features of its own): the level's own
+    embedding of the class, so no parameter is shared between levels.
     """
 
-    def __init__(self, in_channels: int, channels: int, depth: int) -> None:
+    def __init__(self, in_channels: int, channels: int, depth: int, context_dim: int = 0) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
@@ -117,36 +122,46 @@ class Conditioner(nn.Module):
             layers += [nn.Conv2d(c, channels, 3, padding=1), nn.ReLU()]
             c = channels
         self.net = nn.Sequential(*layers)
-        self.out_channels = in_channels + (channels if depth else 0)
+        self.vector = VectorContext(context_dim, channels) if context_dim else None
+        self.out_channels = in_channels + (channels if depth or context_dim else 0)
 
-    def forward(self, low: Tensor) -> Tensor:
+    def forward(self, low: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.vector is None:
+            return low if len(self.net) == 0 else torch.cat([low, self.net(low)], dim=1)
+        offset = self.vector(context, low.dtype)  # (B, channels, 1, 1)
         if len(self.net) == 0:
-            return low
-        return torch.cat([low, self.net(low)], dim=1)
+            return torch.cat([low, offset.expand(-1, -1, *low.shape[2:])], dim=1)
+        h = self.net[1](self.net[0](low) + offset)
+        for layer in self.net[2:]:
+            h = layer(h)
+        return torch.cat([low, h], dim=1)
 
 
 class LevelFlow(nn.Module):
-    """log p(D | I) for one level: conditioner, flow and prior on unit-scale details."""
+    """log p(D | I) for one level: conditioner, flow and prior on unit-scale details. The base
+    flow (no conditioner) takes the model's vector context itself, when it has one."""
 
     def __init__(self, flow: nn.Module, prior: nn.Module, conditioner: Conditioner | None) -> None:
         super().__init__()
         self.flow, self.prior, self.conditioner = flow, prior, conditioner
 
-    def context(self, low: Tensor | None) -> Tensor | None:
-        return None if self.conditioner is None else self.conditioner(low)
+    def context(self, low: Tensor | None, context: Tensor | None = None) -> Tensor | None:
+        """What the level's steps are conditioned on: the conditioning features of the low-pass
+        image (with the class in them), or, for the base, the model's context as it is."""
+        return context if self.conditioner is None else self.conditioner(low, context)
 
     def prior_context(self, ctx: Tensor | None) -> Tensor | None:
         """The context as the prior takes it: none for an unconditional prior (the reference's
         final actnorm and N(0, I), a learned_gaussian), even on a conditioned level."""
         return ctx if self.prior.context_shape is not None else None
 
-    def log_prob(self, v: Tensor, low: Tensor | None) -> Tensor:
-        ctx = self.context(low)
+    def log_prob(self, v: Tensor, low: Tensor | None, context: Tensor | None = None) -> Tensor:
+        ctx = self.context(low, context)
         z, logabsdet = self.flow(v, ctx)
         return self.prior.log_prob(z, self.prior_context(ctx)) + logabsdet
 
-    def sample(self, n: int, low: Tensor | None, temperature: float) -> Tensor:
-        ctx = self.context(low)
+    def sample(self, n: int, low: Tensor | None, temperature: float, context: Tensor | None = None) -> Tensor:
+        ctx = self.context(low, context)
         z = self.prior.sample(n, self.prior_context(ctx), temperature)
         return self.flow.inverse(z, ctx)[0]
 
@@ -160,9 +175,14 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
     (`SuperResolution`; the ``flowkit superres`` command of this plugin).
     """
 
-    def __init__(self, params: WaveletFlowParams, *, in_shape: tuple[int, int, int], build) -> None:  # noqa: ANN001
+    def __init__(self, params: WaveletFlowParams, *, in_shape: tuple[int, int, int], build,  # noqa: ANN001
+                 context_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         c, h, w = in_shape
+        # A vector context (a class one-hot) conditions every term: the base flow's steps take
+        # it as it is, each level's conditioner embeds it with a projection of its own.
+        self.context_shape = None if context_shape is None else tuple(int(s) for s in context_shape)
+        context_dim = 0 if self.context_shape is None else self.context_shape[0]
         L = params.levels
         if h % 2**L or w % 2**L:
             fits = max(k for k in range(L + 1) if h % 2**k == 0 and w % 2**k == 0)
@@ -184,12 +204,12 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
         flows = {}
         base_shape = (c, *self.sizes[0])
         flows["base"] = LevelFlow(
-            stack(base_steps, base_shape, None),
-            build(params.base_prior, in_shape=base_shape, context_shape=None), None,
+            stack(base_steps, base_shape, self.context_shape),
+            build(params.base_prior, in_shape=base_shape, context_shape=self.context_shape), None,
         )
         for j in range(1, L + 1):
             hh, ww = self.sizes[j - 1]
-            conditioner = Conditioner(c, params.cond_channels, params.cond_depth)
+            conditioner = Conditioner(c, params.cond_channels, params.cond_depth, context_dim)
             ctx_shape = (conditioner.out_channels, hh, ww)
             shape = (3 * c, hh, ww)
             first = sum(depth[1:j])
@@ -255,10 +275,10 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
         low = None if low is None else low[..., top : top + ch, left : left + cw]
         return v, low, (h * w) / (ch * cw)
 
-    def log_prob_parts(self, y: Tensor) -> dict[str, Tensor]:
-        return self.log_prob_terms(y, list(self.flows))
+    def log_prob_parts(self, y: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
+        return self.log_prob_terms(y, list(self.flows), context)
 
-    def log_prob_terms(self, y: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    def log_prob_terms(self, y: Tensor, names: Sequence[str], context: Tensor | None = None) -> dict[str, Tensor]:
         unknown = [name for name in names if name not in self.flows]
         if unknown:
             raise ShapeError(f"wavelet_flow has no term {unknown[0]!r}; its terms are {', '.join(self.flows)}.")
@@ -270,36 +290,38 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
             v, low, log_gain = self._inputs(name, lows, details)
             # Patch-wise training (the paper's top levels): an unbiased estimate of the full term.
             v, low, ratio = self._crop(name, v, low, self.crops[index])
-            log_p = flow.log_prob(v, low) - v[0].numel() * log_gain
+            log_p = flow.log_prob(v, low, context) - v[0].numel() * log_gain
             terms[name] = log_p * ratio
         return terms
 
     @torch.no_grad()
-    def initialize(self, y: Tensor) -> None:
+    def initialize(self, y: Tensor, context: Tensor | None = None) -> None:
         lows, details = self.pyramid(y)
         for name, flow in self.flows.items():
             v, low, _ = self._inputs(name, lows, details)
-            flow.flow.initialize(v, flow.context(low))
+            flow.flow.initialize(v, flow.context(low, context))
 
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_base(self, n: int, temperature: float) -> Tensor:
-        return self.flows["base"].sample(n, None, temperature) * self.gain(0)
+    def sample_base(self, n: int, temperature: float, context: Tensor | None = None) -> Tensor:
+        return self.flows["base"].sample(n, None, temperature, context) * self.gain(0)
 
     @torch.no_grad()
-    def superres(self, low: Tensor, from_level: int, temperature: float = 1.0) -> Tensor:
+    def superres(self, low: Tensor, from_level: int, temperature: float = 1.0,
+                 context: Tensor | None = None) -> Tensor:
         """Samples D_j | I_j coarse to fine from the low-pass image I_{from_level}; returns y
         (unclamped: the run engine saturates values outside [0, 1))."""
         if not 0 <= from_level <= self.levels:
             raise ShapeError(f"--from-level {from_level} is out of range; this model has levels 0..{self.levels}.")
         for j in range(from_level + 1, self.levels + 1):
-            detail = self.flows[f"level{j}"].sample(len(low), low / self.gain(j - 1), temperature) * self.gain(j)
+            level = self.flows[f"level{j}"]
+            detail = level.sample(len(low), low / self.gain(j - 1), temperature, context) * self.gain(j)
             low, _ = self.decomposition.merge(low, detail)
         return low + 0.5
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        return self.superres(self.sample_base(n, temperature), 0, temperature)
+    def sample(self, n: int, temperature: float = 1.0, context: Tensor | None = None) -> Tensor:
+        return self.superres(self.sample_base(n, temperature, context), 0, temperature, context)
 
     @torch.no_grad()
     def reduce(self, y: Tensor, level: int) -> Tensor:
@@ -322,6 +344,9 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
         ``log_prob - logabsdet`` is the level's term of `log_prob_parts`."""
         if name not in self.flows:
             raise ShapeError(f"wavelet_flow has no level {name!r}; its levels are {', '.join(self.flows)}.")
+        if self.context_shape is not None:
+            raise ShapeError("This wavelet_flow is conditioned on a context (a class); its latent levels need that "
+                             "context, which annealed sampling does not supply.")
         flow, j, c = self.flows[name], self.latent_levels().index(name), self.in_shape[0]
         ctx, shape = None, (c, *self.sizes[0])
         if j > 0:
@@ -347,5 +372,5 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
 
 @hookimpl
 def flowkit_register_models(register) -> None:  # noqa: ANN001
-    register("wavelet_flow", WaveletFlow, params=WaveletFlowParams,
+    register("wavelet_flow", WaveletFlow, contexts=("vector",), params=WaveletFlowParams,
              summary="Wavelet Flow: one conditional flow per level of an orthonormal wavelet pyramid")

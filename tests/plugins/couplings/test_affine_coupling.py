@@ -218,5 +218,13 @@ def test_mask_channel_hands_the_net_the_mask_after_the_context(plugins):
     torch.testing.assert_close(seen[-1][:, 3:], with_context.mask.double().expand(2, 1, 4, 4))
     with pytest.raises(flowkit.ShapeError, match="spatial mask"):
         make(plugins, mask="channel", mask_channel=True)
-    with pytest.raises(flowkit.ShapeError, match="spatial mask"):
-        make(plugins, mask="checkerboard", mask_channel=True, context_shape=(5,))
+    # A vector context (a class one-hot) is broadcast over the pixels, then the mask: one spatial context.
+    with_vector = make(plugins, mask="checkerboard", mask_channel=True, context_shape=(5,))
+    assert with_vector.net.context_shape == (6, 4, 4)
+    vector = torch.randn(2, 5, dtype=torch.float64)
+    with_vector.net.register_forward_hook(lambda net, args, out: seen.append(args[1]))
+    with_vector(x, vector)
+    torch.testing.assert_close(seen[-1][:, :5], vector[:, :, None, None].expand(2, 5, 4, 4))
+    torch.testing.assert_close(seen[-1][:, 5:], with_vector.mask.double().expand(2, 1, 4, 4))
+    with pytest.raises(flowkit.ShapeError, match=r"accepts a context of shape \(Cc,\)"):
+        make(plugins, mask="checkerboard", mask_channel=True, context_shape=(3, 2, 2))

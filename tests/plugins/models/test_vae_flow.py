@@ -210,8 +210,15 @@ def test_the_objectives_importance_weighted_estimate_uses_the_models_weights() -
 
 
 def test_a_decoder_that_takes_no_context_is_refused_with_the_key() -> None:
+    # Declared: vae_flow itself takes no vector context (asked before anything is built).
+    with pytest.raises(flowkit.ShapeError, match='model.decoder.use = "vae_flow" cannot be the decoder.*takes no '
+                                                 "vector context"):
+        flowkit.build("model", "vae_flow", in_shape=SHAPE, decoder={"use": "vae_flow"})
+    # Takes a vector context (a class) but has no latents to map images to and back.
+    checkerboard = {"use": "glow", "coupling": {"use": "affine", "mask": "checkerboard"}}
     with pytest.raises(flowkit.ShapeError, match='model.decoder.use = "wavelet_flow" cannot be the decoder'):
-        flowkit.build("model", "vae_flow", in_shape=SHAPE, decoder={"use": "wavelet_flow", "levels": 1})
+        flowkit.build("model", "vae_flow", in_shape=SHAPE,
+                      decoder={"use": "wavelet_flow", "levels": 1, "base_step": checkerboard})
 
 
 def test_bad_params_are_refused_naming_the_key() -> None:
