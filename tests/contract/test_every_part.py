@@ -114,7 +114,7 @@ def _decomposition(plugins, kind: str, name: str) -> None:
 
 
 def _net(plugins, kind: str, name: str) -> None:
-    for context_shape in (None, (3, 4, 4)):
+    for context_shape in (None, (3, 4, 4), (3,)):  # no context, a spatial one, a vector
         net = _build(plugins, kind, name, in_shape=(2, 4, 4), context_shape=context_shape, out_channels=5).double()
         x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
         context = None if context_shape is None else torch.randn(3, *context_shape, dtype=torch.float64)
@@ -124,12 +124,14 @@ def _net(plugins, kind: str, name: str) -> None:
 
 def _prior(plugins, kind: str, name: str) -> None:
     shape = (2, 4, 4)
-    # A context for the conditional ones; an unconditional prior ignores the shape it is given.
-    prior = _build(plugins, kind, name, in_shape=shape, context_shape=(3, 4, 4)).double()
-    context = None if prior.context_shape is None else torch.randn(3, *prior.context_shape, dtype=torch.float64)
-    randomize_(prior, 0.3)
-    # The built-in priors are diagonal Gaussians: require it, so a failed detection is an error.
-    check_prior(prior, context, diagonal_gaussian=True if part_is_builtin(plugins, kind, name) else None)
+    # A spatial context and a vector one for the conditional ones; an unconditional prior ignores
+    # the shape it is given.
+    for context_shape in ((3, 4, 4), (3,)):
+        prior = _build(plugins, kind, name, in_shape=shape, context_shape=context_shape).double()
+        context = None if prior.context_shape is None else torch.randn(3, *prior.context_shape, dtype=torch.float64)
+        randomize_(prior, 0.3)
+        # The built-in priors are diagonal Gaussians: require it, so a failed detection is an error.
+        check_prior(prior, context, diagonal_gaussian=True if part_is_builtin(plugins, kind, name) else None)
 
 
 def part_is_builtin(plugins, kind: str, name: str) -> bool:
@@ -154,6 +156,30 @@ def _model(plugins, kind: str, name: str) -> None:
     model.initialize(_images(16))
     randomize_(model, 0.05)
     check_model(model, y)
+    if plugins.registries.part(kind, name).accepts("vector"):
+        _conditioned_model(plugins, kind, name, y)
+
+
+def _conditioned_model(plugins, kind: str, name: str, y: torch.Tensor) -> None:
+    """A model that declares a vector context, built with a class one-hot of 3 classes + no class:
+    its terms take the context, every parameter gets a gradient, and the class reaches the density."""
+    from flowkit.models import ClassConditioned
+
+    model = _build(plugins, kind, name, in_shape=IMAGE_SHAPE, context_shape=(4,)).double()
+    cond = ClassConditioned(model, 3)
+    labels = torch.tensor([0, 1, 2, 3])
+    model.initialize(_images(16), cond.one_hot(torch.arange(16) % 4, y))
+    randomize_(model, 0.05)
+    model.eval()
+    parts = model.log_prob_parts(y, cond.one_hot(labels, y))
+    assert list(parts) == list(model.part_dims()) and all(t.shape == (4,) for t in parts.values())
+    per_class = cond.log_prob_per_class(y)
+    assert torch.isfinite(per_class).all() and (per_class.max(1).values - per_class.min(1).values > 1e-9).all(), \
+        f"{kind}:{name} built with a class context gives every class the same density: the context is not used"
+    model.train()
+    check_gradients(model, -cond.log_prob(y, labels).mean())
+    model.eval()
+    assert cond.sample(2, 0.5, 1).shape == (2, *IMAGE_SHAPE)
 
 
 def _dataset(plugins, kind: str, name: str, tmp_path: Path) -> None:

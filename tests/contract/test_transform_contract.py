@@ -1,7 +1,8 @@
 """The Transform contract, for every registered coupling, step and transform (third-party included).
 
-Each part is built with its default Params on ``in_shape = (4, 4, 4)``, without context and
-with a spatial context ``(2, 4, 4)``, perturbed with `randomize_` (so zero-initialised nets
+Each part is built with its default Params on ``in_shape = (4, 4, 4)``, without context, with a
+spatial context ``(2, 4, 4)`` and with a vector context ``(3,)`` (a class one-hot, a global
+latent: every part of these kinds takes both forms), perturbed with `randomize_` (so zero-initialised nets
 cannot hide a bug), initialised on data and put in eval mode (dropout in a net makes training-mode
 calls random, so forward and inverse would not pair up), then checked: round trip, log-det against the
 brute-force Jacobian in both directions, shapes and dtype, row independence, finite gradients
@@ -23,6 +24,7 @@ from flowkit.testing import check_gradients, check_transform, randomize_
 KINDS = ("coupling", "step", "transform")
 IN_SHAPE = (4, 4, 4)
 CONTEXT_SHAPE = (2, 4, 4)
+VECTOR_SHAPE = (3,)
 
 
 def _registered() -> list:
@@ -30,8 +32,9 @@ def _registered() -> list:
     cases = []
     for kind in KINDS:
         for part in registries[kind]:
-            for context_shape in (None, CONTEXT_SHAPE):
-                label = f"{kind}:{part.name}-{'context' if context_shape else 'plain'}"
+            for context_shape in (None, CONTEXT_SHAPE, VECTOR_SHAPE):
+                form = {None: "plain", CONTEXT_SHAPE: "context", VECTOR_SHAPE: "vector"}[context_shape]
+                label = f"{kind}:{part.name}-{form}"
                 cases.append(pytest.param(kind, part.name, context_shape, id=label))
     return cases
 
