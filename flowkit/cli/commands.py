@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import click
 
-from flowkit.cli import ablate, bench_cmd, docs_cmd, inspect_cmd, parts, plugins_cmd, report_cmd, run, sample
+from flowkit.cli import (
+    ablate, bench_cmd, docs_cmd, inspect_cmd, parts, plugins_cmd, report_cmd, run, sample, score_cmd,
+)
 from flowkit.hookspecs import hookimpl
 
-COMMAND_MODULES = (run, sample, report_cmd, ablate, inspect_cmd, bench_cmd, parts, plugins_cmd, docs_cmd)
+COMMAND_MODULES = (run, sample, score_cmd, report_cmd, ablate, inspect_cmd, bench_cmd, parts, plugins_cmd, docs_cmd)
 
 
 @hookimpl

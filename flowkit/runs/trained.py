@@ -29,6 +29,7 @@ from flowkit.runs.images import to_levels
 from flowkit.runs.level_jobs import is_level_jobs_dir, load_levels
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.sampling import seeded_draw, super_resolution
+from flowkit.runs.score import scores
 from flowkit.runs.session import Session, build_session
 
 
@@ -130,14 +131,33 @@ class TrainedRun:
 
     # -- density ---------------------------------------------------------------------------
     @torch.no_grad()
-    def bpd(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> Tensor:
-        """Bits/dim of each image, ``(B,)`` float64 on the CPU (see the class docstring).
+    def per_image(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> dict[str, Tensor]:
+        """Every image's bits/dim, ``(B,)`` float64 on the CPU, by key: ``bpd`` (see the class
+        docstring) and ``bpd/<term>`` (each term over its own dims, for models whose terms are
+        densities of their own) or ``bpd_share/<term>`` (`flowkit.runs.evaluate.per_image`).
         ``seed``: of the dequantization noise; default the run's test-evaluation seed."""
         x = self._levels_in(x, self.shape, "x")
         seed = self.recipe.train.seed + 1 if seed is None else seed
-        batches = per_image(self.session, x, batch_size=self.recipe.train.eval_batch_size, seed=seed)
-        out = [values["bpd"].cpu() for values in batches]
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        out: dict[str, list[Tensor]] = {}
+        for values in per_image(self.session, x, batch_size=self.recipe.train.eval_batch_size, seed=seed):
+            for key, value in values.items():
+                out.setdefault(key, []).append(value.cpu())
+        if not out:
+            return {"bpd": torch.zeros(0, dtype=torch.float64)}
+        return {key: torch.cat(parts) for key, parts in out.items()}
+
+    def bpd(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> Tensor:
+        """Bits/dim of each image, ``(B,)`` float64 on the CPU (see the class docstring).
+        ``seed``: of the dequantization noise; default the run's test-evaluation seed."""
+        return self.per_image(x, seed=seed)["bpd"]
+
+    def score(self, x: Tensor | np.ndarray, *, compressor: str = "png", reference: TrainedRun | None = None,
+              seed: int | None = None) -> dict[str, np.ndarray]:
+        """Per-image scores for telling images unlike the training data apart: bits/dim, per term,
+        the compressor's bits/dim, input complexity and, with a ``reference`` run, the likelihood
+        ratio (`flowkit.runs.score`; ``flowkit score`` from the command line)."""
+        return scores(self, self._levels_in(x, self.shape, "x"), compressor=compressor, reference=reference,
+                      seed=seed)
 
     def log_prob(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> Tensor:
         """The dequantized bound on log P(x) in nats per image, ``(B,)`` float64 (class docstring)."""
