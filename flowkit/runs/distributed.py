@@ -159,15 +159,15 @@ def sum_over_ranks(values: Tensor) -> Tensor:
 
 class ObjectiveModule(nn.Module):
     """`Objective.loss` as a module, so that DDP can wrap it: the model and the dequantizer are its
-    submodules, and ``forward(x)`` returns the mean bits/dim of ``x`` and its terms."""
+    submodules, and ``forward(x, labels)`` returns the mean bits/dim of ``x`` and its terms."""
 
     def __init__(self, objective: Objective, names: Sequence[str] | None) -> None:
         super().__init__()
         self.model, self.dequantizer = objective.model, objective.dequantizer
         self.objective, self.names = objective, names
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.objective.loss(x, self.names)
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.objective.loss(x, self.names, labels)
 
 
 def data_parallel(objective: Objective, names: Sequence[str] | None, device: torch.device) -> DistributedDataParallel:
