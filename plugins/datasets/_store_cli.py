@@ -117,7 +117,8 @@ def data_group() -> click.Group:
                   help="Batches read ahead in the background thread (0: on the timing thread), as train.prefetch.")
     @click.option("--device", default="cpu", show_default=True, help='"cpu", "cuda", "cuda:1" or "auto".')
     @click.option("--channels-last", is_flag=True, help="Time the channels-last layout change too (train.channels_last).")
-    @click.option("--threads", type=int, default=0, show_default=True, help="torch threads (0: all cores).")
+    @click.option("--threads", type=int, default=1, show_default=True,
+                  help="torch threads of the timing thread (0: all cores); the prefetch thread reads beside it.")
     @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
     @click.pass_context
     def bench_cmd(ctx: click.Context, store_dir: Path, batch_size: int, n_bits: int, seconds: float, prefetch: int,
