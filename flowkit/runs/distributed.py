@@ -143,6 +143,11 @@ def shard(indices: Tensor, w: World) -> Tensor:
     return indices.tensor_split(w.size)[w.rank]
 
 
+def shard_start(n: int, w: World) -> int:
+    """Where this rank's slice of a global batch of ``n`` starts (`shard`'s slices)."""
+    return sum(len(part) for part in torch.arange(n).tensor_split(w.size)[: w.rank])
+
+
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """The RNG seed of rank > 0 for ``step``, set before every step: its dequantization noise must
     differ from rank 0's, whose stream is the one checkpoints carry, and depend on the step alone,

@@ -55,10 +55,6 @@ class SilentReporter:
     def finish(self) -> None: ...
 
 
-__all__ = ["PendingStep", "Reporter", "SilentReporter", "TrainState", "Trainer", "batches", "make_optimizer",
-           "peak_memory_bytes", "random_shift"]
-
-
 def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,
                    betas: tuple[float, ...] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """The recipe's optimiser in torch's fused kernels where torch has them (Adam, AdamW: one
@@ -435,10 +431,9 @@ class Trainer:
             x, labels = batch.images, batch.labels
             if cfg.shift_augment:
                 x = random_shift(x, cfg.shift_augment)
-            if labels is not None and cfg.label_dropout:
-                start = sum(len(part) for part in indices.tensor_split(self.world.size)[: self.world.rank])
+            if labels is not None and cfg.label_dropout:  # drawn for the global batch, cut to this rank's share
                 labels = drop_labels(labels, cfg.label_dropout, s.num_classes, cfg.seed, st.step,
-                                     (start, len(indices)))
+                                     (distributed.shard_start(len(indices), self.world), len(indices)))
             loss, terms, norms = self.train_step(x, len(indices), labels)
             values = torch.stack([loss.detach().float()] + [n.detach().float() for n in norms])
             st.step += 1

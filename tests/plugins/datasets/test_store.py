@@ -17,7 +17,6 @@ from flowkit.cli import _add_commands, cli
 from flowkit.errors import DataError
 from flowkit_plugins.datasets import _prepare
 from flowkit_plugins.datasets._prepare import Options, open_source, prepare
-from flowkit_plugins.datasets._store import open_store
 
 _add_commands()
 
@@ -176,7 +175,7 @@ def test_a_damaged_chunk_is_named_with_its_checksum(tmp_path: Path) -> None:
     result = run_cli("data", "verify", str(tmp_path / "out"))
     message = said(result)
     assert result.exit_code == 2
-    assert f"train chunk 1 (images 3..5) in train_images.npy has sha256" in message and recorded in message
+    assert "train chunk 1 (images 3..5) in train_images.npy has sha256" in message and recorded in message
     assert "chunk 0" not in message and "chunk 2" not in message
     # Opening does not read the pixels; verify = true does, and names the chunk the same way.
     assert _load(tmp_path / "out").train.shape == (8, 1, 12, 12)
