@@ -242,6 +242,7 @@ def main() -> None:
         print(f"\n{time.perf_counter() - started:.0f} s in all; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
     print(table(rows))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
     if args.plot:
         plot(rows, args.plot)

@@ -89,6 +89,8 @@ class Split:
         batch = np.ascontiguousarray(self.images[_numpy_index(index)])
         if self.table is not None:
             batch = np.take(self.table, batch)
+        elif not batch.flags.writeable:  # a slice of a read-only memory map: the batch's own copy
+            batch = batch.copy()
         # numpy leaves any stride on a dimension of size 1 (C = 1 of grey images), which torch would
         # read as channels-last and run the convolutions in that layout: view() sets the standard ones.
         return torch.from_numpy(batch).view(batch.shape)

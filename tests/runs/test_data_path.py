@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from itertools import islice
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def test_a_grey_batch_has_the_standard_strides_not_channels_last() -> None:
     for batch in (split[torch.tensor([1, 2])], split[2:5]):
         assert batch.stride() == (784, 784, 28, 1)
         assert batch.float().stride() == (784, 784, 28, 1), "the float copy keeps the standard layout"
+
+
+def test_a_slice_of_a_read_only_memory_map_is_read_into_a_batch_of_its_own(tmp_path: Path) -> None:
+    np.save(tmp_path / "images.npy", np.arange(4 * 12, dtype=np.uint8).reshape(4, 3, 2, 2))
+    split = Split(np.load(tmp_path / "images.npy", mmap_mode="r"), None, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a tensor over memory it may not write
+        batch = split[1:3]
+    batch += 1  # the batch is its own: the map is untouched
+    assert int(split[1:3].sum()) == int(batch.sum()) - batch.numel()
 
 
 def test_a_transposed_view_and_labels_are_read_per_batch() -> None:
