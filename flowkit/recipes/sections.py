@@ -6,6 +6,8 @@ of the part their ``use`` key selects.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -127,9 +129,12 @@ class EvalParams:
         "samples per test image (Flow++: 4096, MaCow: 512; 0: off)")
     iw_images: int = param(0, "the importance-weighted estimate over the first N test images (0: all)")
     iw_batch_size: int = param(0, "images per importance-weighted batch (0: train.eval_batch_size)")
+    class_images: int = param(
+        0, "a class-conditional run (data.labels) reports the marginal bits/dim and the Bayes classifier's accuracy "
+        "over the first N test images (0: all); each image costs one evaluation of the model per class")
 
     def __post_init__(self) -> None:
-        for key in ("iw_samples", "iw_images", "iw_batch_size"):
+        for key in ("iw_samples", "iw_images", "iw_batch_size", "class_images"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} = {getattr(self, key)} must be >= 0.")
 
@@ -139,10 +144,15 @@ class SampleParams:
     n: int = param(64, "images per sample grid")
     temperatures: tuple[float, ...] = param((1.0, 0.7), "one grid per temperature")
     seed: int = param(1234, "seed of the sampling noise")
+    guidance: tuple[float, ...] = param(
+        (), "a class-conditional run (data.labels) also draws its class rows with classifier-free guidance at each "
+        "weight w (h = h_c + w (h_c - h_u) on every net's output; a guided sample has no exact density)")
 
     def __post_init__(self) -> None:
         if self.n < 1 or any(t < 0 for t in self.temperatures):
             raise ValueError("n must be at least 1 and temperatures >= 0.")
+        if not all(math.isfinite(w) for w in self.guidance):
+            raise ValueError(f"guidance = {list(self.guidance)}: every weight must be a finite number.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,7 @@ Labels = Tensor | np.ndarray | None
 
 
 @contextmanager
-def _eval_mode(session: Session, seed: int) -> Iterator[None]:
+def eval_mode(session: Session, seed: int) -> Iterator[None]:
     """Eval mode and fixed dequantization noise, both given back afterwards."""
     modules = (session.model, session.dequantizer)
     was_training = [m.training for m in modules]
@@ -55,7 +55,7 @@ def per_image(session: Session, x_all: Images, labels: Labels = None, *, batch_s
     objective = session.objective
     independent = isinstance(session.model, IndependentTerms)
     names = [alone] if alone is not None else None
-    with _eval_mode(session, seed):
+    with eval_mode(session, seed):
         for start in range(0, len(x_all), batch_size):
             x, batch_labels = _batch(session, x_all, labels, start, batch_size)
             y, log_q = objective.dequantize(x)
@@ -99,7 +99,7 @@ def evaluate_iw(session: Session, x_all: Images, labels: Labels = None, *, k: in
     see `flowkit.runs.objective.Objective.iw_log_likelihood`."""
     objective = session.objective
     total, n = 0.0, 0
-    with _eval_mode(session, seed):
+    with eval_mode(session, seed):
         for start in range(0, len(x_all), batch_size):
             x, batch_labels = _batch(session, x_all, labels, start, batch_size)
             log_px = objective.iw_log_likelihood(x, k, batch_labels)

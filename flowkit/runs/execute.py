@@ -9,7 +9,7 @@ trained it. A summary's keys, and which density its bits/dim are of, are stated 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 
 from flowkit.contracts.model import LatentVariable
 from flowkit.runs import distributed
+from flowkit.runs.classes import class_figures, class_grids
 from flowkit.runs.evaluate import evaluate, evaluate_iw
 from flowkit.runs.inspect import count_parameters
 from flowkit.runs.report import write_report
@@ -28,6 +29,9 @@ from flowkit.runs.trainer import Reporter, Trainer, peak_memory_bytes
 DENSITY = "dequantized bound: -log p(y) + D log 2^n_bits + log q(u|x), over all C*H*W dims"
 DENSITY_ALONE = ("term {term} alone, a density of its own: -log p(term) + D_t log 2^n_bits over its own D_t dims "
                  "(the model's other terms were not trained)")
+DENSITY_CONDITIONAL = ("class-conditional dequantized bound: -log p(y | c) + D log 2^n_bits + log q(u|x) of each test image "
+                       "under its own class c, over all C*H*W dims (test_bpd_marginal: the same with "
+                       "p(y) = sum_c p(y | c) p(c), p(c) the training-set class frequencies)")
 DENSITY_ELBO = ("evidence lower bound (ELBO) of a latent-variable model, one draw z ~ q(z|y) per image: "
                 "-log p(y|z) + KL(q(z|y) || p(z)) + D log 2^n_bits + log q(u|x), over all C*H*W dims")
 TRAIN_EVAL_IMAGES = 10_000  # train bpd is measured on this many training images, like the test set
@@ -37,7 +41,8 @@ TRAIN_EVAL_IMAGES = 10_000  # train bpd is measured on this many training images
 class Evaluated:
     """A trained model's figures: bits/dim on the test set and on the first training images (the
     `flowkit.runs.evaluate.evaluate` dictionaries), its sample grids and the importance-weighted
-    estimate (empty unless eval.iw_samples)."""
+    estimate (empty unless eval.iw_samples); a class-conditional run's marginal bits/dim and Bayes
+    accuracy (`flowkit.runs.classes.class_figures`, empty otherwise)."""
 
     test: dict[str, float]
     train: dict[str, float]
@@ -45,6 +50,7 @@ class Evaluated:
     samples: list[Path]
     overflowed: dict[str, int]
     iw: dict[str, Any]
+    classes: dict[str, Any] = field(default_factory=dict)
 
 
 def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *, alone: str | None = None,
@@ -59,17 +65,24 @@ def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *,
     samples: list[Path] = []
     overflowed: dict[str, int] = {}
     iw: dict[str, Any] = {}
+    classes: dict[str, Any] = {}
+    conditional = session.conditioning is not None
     with session.evaluation_weights():
         test = evaluate(session, session.test_x, session.test_x.labels, batch_size=cfg.eval_batch_size,
                         seed=cfg.seed + 1, alone=alone)
         train = evaluate(session, train_x, train_x.labels, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2,
                          alone=alone)
+        if alone is None and conditional:
+            reporter.message("Marginal bits/dim and the Bayes classifier (one evaluation per class)...")
+            classes = class_figures(session, seed=cfg.seed + 1)  # the test figure's noise: the same y
         if alone is None:
-            samples, overflowed = sample_grids(session, rundir.samples, n=recipe.sample.n,
-                                               temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
-                                               metrics=rundir.metrics if log_samples else None, step=step)
+            grids = class_grids if conditional else sample_grids
+            extra = {"guidance": recipe.sample.guidance} if conditional else {}
+            samples, overflowed = grids(session, rundir.samples, n=recipe.sample.n,
+                                        temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
+                                        metrics=rundir.metrics if log_samples else None, step=step, **extra)
             iw = importance_weighted(session, reporter)
-    return Evaluated(test, train, len(train_x), samples, overflowed, iw)
+    return Evaluated(test, train, len(train_x), samples, overflowed, iw, classes)
 
 
 def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: dict[str, Any], *,
@@ -81,6 +94,8 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
     test, train = evaluated.test, evaluated.train
     if alone is not None:
         density = DENSITY_ALONE.format(term=alone)
+    elif session.conditioning is not None:
+        density = DENSITY_CONDITIONAL
     else:
         density = DENSITY_ELBO if isinstance(session.model, LatentVariable) else DENSITY
     summary: dict[str, Any] = {
@@ -108,6 +123,7 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
         "level": cfg.level,
         "weights": f"exponential moving average, decay {cfg.ema}" if cfg.ema else "trained (no averaging)",
         **evaluated.iw,
+        **evaluated.classes,
     }
     if evaluated.samples:
         summary["samples_overflowed"] = evaluated.overflowed  # images per grid whose inverse overflowed

@@ -12,7 +12,9 @@ from torch import nn
 from flowkit.build import Builder
 from flowkit.errors import FlowkitError, ShapeError
 from flowkit.plugins import Plugins
+from flowkit.nn.guidance import Guidance
 from flowkit.recipes.load import Recipe
+from flowkit.runs.session import build_model
 
 
 @dataclass
@@ -51,15 +53,32 @@ def parts_of(module: nn.Module, prefix: str, depth: int = 2) -> dict[str, int]:
 
 
 def dataset_shape(recipe: Recipe, build: Builder) -> tuple[int, int, int]:
+    return _dataset(recipe, build).shape
+
+
+def _dataset(recipe: Recipe, build: Builder) -> Any:
     try:
-        return build(recipe.data).shape
+        return build(recipe.data)
     except FlowkitError as exc:
         raise FlowkitError(f"{exc} Give the image shape with --shape C,H,W to inspect without the data.") from None
 
 
-def activation_bytes(model: nn.Module, dequantizer: nn.Module, shape: tuple[int, int, int], n_bits: int) -> int:
+def _num_classes(recipe: Recipe, build: Builder) -> int:
+    """K of a class-conditional recipe (data.labels): the model is built for K + 1 classes, so the
+    dataset is read for its class count even with --shape."""
+    if not getattr(recipe.data.params, "labels", False):
+        return 0
+    dataset = _dataset(recipe, build)
+    if not dataset.has_labels:
+        raise FlowkitError(f'{recipe.source}: data.labels = true, but dataset "{recipe.data.use}" has no labels.')
+    return dataset.num_classes
+
+
+def activation_bytes(model: nn.Module, dequantizer: nn.Module, shape: tuple[int, int, int], n_bits: int,
+                     context: torch.Tensor | None = None) -> int:
     """Bytes of the outputs of every leaf module in one training forward pass of one image (what
-    autograd keeps, roughly; a lower bound where modules keep more than their outputs)."""
+    autograd keeps, roughly; a lower bound where modules keep more than their outputs), with
+    ``context`` ``(1, ...)`` for a model built with one."""
     total = 0
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -73,7 +92,7 @@ def activation_bytes(model: nn.Module, dequantizer: nn.Module, shape: tuple[int,
     try:
         x = torch.randint(0, 2**n_bits, (1, *shape), dtype=torch.uint8)
         y, log_q = dequantizer(x, n_bits)
-        (model.log_prob(y) - log_q).sum()
+        (model.log_prob(y, **({} if context is None else {"context": context})) - log_q).sum()
     finally:
         for h in handles:
             h.remove()
@@ -84,13 +103,15 @@ def inspect(recipe: Recipe, plugins: Plugins, *, shape: tuple[int, int, int] | N
             memory: bool = True) -> Inspection:
     build = Builder(plugins.registries)
     shape = shape or dataset_shape(recipe, build)
+    num_classes = _num_classes(recipe, build)
     torch.manual_seed(recipe.train.seed)
     try:
-        model = build(recipe.model, in_shape=shape)
+        model = build_model(recipe, build, shape, num_classes, Guidance() if num_classes else None)
         dequantizer = build(recipe.dequantizer, in_shape=shape)
     except ShapeError as exc:
         raise FlowkitError(f"{recipe.source}: [model] does not fit images of shape {shape}: {exc}") from None
     parts = {**parts_of(model, "model"), **parts_of(dequantizer, "dequantizer")}
     parts = {k: v for k, v in parts.items() if v}
-    act = activation_bytes(model, dequantizer, shape, recipe.data.params.n_bits) if memory else None
+    context = torch.nn.functional.one_hot(torch.tensor([num_classes]), num_classes + 1).float() if num_classes else None
+    act = activation_bytes(model, dequantizer, shape, recipe.data.params.n_bits, context) if memory else None
     return Inspection(tuple(shape), count_parameters(model, dequantizer), parts, act)

@@ -18,6 +18,9 @@ itself, so the term threads of train.level_threads get it too.
 Labels (a LongTensor ``(B,)`` of class indices, K for "no class", or None) travel beside the
 images into `loss`, `terms` and `iw_log_likelihood`, which turn them into the model's
 conditioning with `condition`; the model is called with ``context=`` only when that is not None.
+A class-conditional run's Objective holds its `flowkit.models.ClassConditioned`: a batch's labels
+become the one-hot context there, and a batch without labels (a user's own images) is "no class",
+the unconditional model that label dropout trained.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import Tensor
 
 from flowkit.contracts.dequantizer import Dequantizer
 from flowkit.contracts.model import DensityModel, IndependentTerms, LatentVariable
+from flowkit.models.conditional import ClassConditioned
 from flowkit.runs.bpd import bits_per_dim, discrete_nll, nats_to_bits_per_dim
 
 
@@ -38,12 +42,13 @@ class Objective:
     """The dequantized bound of one model and dequantizer on images of ``num_dims`` dimensions."""
 
     def __init__(self, model: DensityModel, dequantizer: Dequantizer, n_bits: int, num_dims: int,
-                 amp: str = "off") -> None:
+                 amp: str = "off", conditioning: ClassConditioned | None = None) -> None:
         if amp not in ("off", "bf16"):
             raise ValueError(f'amp = "{amp}" must be "off" or "bf16".')
         self.model, self.dequantizer = model, dequantizer
         self.n_bits, self.num_dims = n_bits, num_dims
         self.amp = amp
+        self.conditioning = conditioning  # a class-conditional run's view of its model, else None
         # The model's density functions; `compiled` replaces them with torch.compile'd ones.
         self._parts: Callable[..., dict[str, Tensor]] = model.log_prob_parts
         self._named_terms: Callable[..., dict[str, Tensor]] | None = getattr(model, "log_prob_terms", None)
@@ -53,7 +58,7 @@ class Objective:
         the graphs of log p's forward and backward are traced once per input shape and their
         element-wise work fused. The dequantizer stays eager, so the dequantization noise is drawn
         by the same generator calls as without compilation (exact resume is unchanged)."""
-        twin = Objective(self.model, self.dequantizer, self.n_bits, self.num_dims, self.amp)
+        twin = Objective(self.model, self.dequantizer, self.n_bits, self.num_dims, self.amp, self.conditioning)
         twin._parts = torch.compile(self.model.log_prob_parts, mode=mode, dynamic=False)
         if self._named_terms is not None:
             twin._named_terms = torch.compile(self._named_terms, mode=mode, dynamic=False)
@@ -73,11 +78,15 @@ class Objective:
         with self.autocast(x):
             return self.dequantizer(x, self.n_bits)
 
-    def condition(self, labels: Tensor | None) -> Tensor | None:
-        """The model's conditioning for a batch's ``labels`` (LongTensor ``(B,)``, K = "no class"), or
-        None: the model is then called without a context. Unconditional models take none whatever
-        the labels; a class-conditional model's context (its one-hot over K + 1 classes) is made here."""
-        return None
+    def condition(self, labels: Tensor | None, like: Tensor) -> Tensor | None:
+        """The model's conditioning for the batch ``like`` with ``labels`` (LongTensor ``(B,)``,
+        K = "no class"), or None: the model is then called without a context. Unconditional models
+        take none whatever the labels; a class-conditional model's context is the one-hot over
+        K + 1 classes, "no class" for a batch without labels."""
+        if self.conditioning is None:
+            return None
+        labels = self.conditioning.labels_for(labels, like.shape[0], like)
+        return self.conditioning.one_hot(labels, like)
 
     @torch.no_grad()
     def initialize(self, x: Tensor, labels: Tensor | None = None) -> None:
@@ -85,10 +94,10 @@ class Objective:
         dequantized batch, conditioned on ``labels`` where the model is."""
         self.dequantizer.initialize(x, self.n_bits)
         y, _ = self.dequantize(x)
-        self.model.initialize(y, **self._context(labels))
+        self.model.initialize(y, **self._context(labels, y))
 
-    def _context(self, labels: Tensor | None) -> dict[str, Tensor]:
-        context = self.condition(labels)
+    def _context(self, labels: Tensor | None, like: Tensor) -> dict[str, Tensor]:
+        context = self.condition(labels, like)
         return {} if context is None else {"context": context}
 
     def terms(self, y: Tensor, names: Sequence[str] | None = None, labels: Tensor | None = None) -> dict[str, Tensor]:
@@ -96,7 +105,7 @@ class Objective:
         on ``labels`` where the model is (`condition`)."""
         if names is not None and not isinstance(self.model, IndependentTerms):
             raise TypeError(f"{type(self.model).__name__} has no terms that can be computed alone.")
-        context = self._context(labels)
+        context = self._context(labels, y)
         with self.autocast(y):
             if names is None:
                 return self._parts(y, **context)
@@ -136,9 +145,9 @@ class Objective:
         if k < 1:
             raise ValueError(f"--iw-samples {k} must be >= 1.")
         samples = []
-        context = self._context(labels)
         for _ in range(k):
             y, log_q = self.dequantize(x)
+            context = self._context(labels, y)
             with self.autocast(y):
                 log_p = (self.model.log_joint_sample(y, **context) if isinstance(self.model, LatentVariable)
                          else self.model.log_prob(y, **context))

@@ -27,7 +27,8 @@ from flowkit.runs.rundir import RunDir
 
 NO_MATPLOTLIB = ("No plots: matplotlib is not installed (`pip install matplotlib`, or "
                  "`pip install 'flowkit[ablate]'`); `flowkit report RUN_DIR` draws them once it is.")
-_TABLE_KEYS = ("test_bpd", "test_bpd_iw", "iw_samples", "iw_images", "train_bpd", "params", "steps",
+_TABLE_KEYS = ("test_bpd", "test_bpd_marginal", "bayes_accuracy", "class_images", "test_bpd_iw", "iw_samples",
+               "iw_images", "train_bpd", "params", "steps",
                "train_images_per_s", "peak_memory_bytes", "wall_s", "device", "weights")
 
 
@@ -185,9 +186,13 @@ def sample_panels(path: Path, rundir: RunDir, summary: dict[str, Any]) -> Path |
         npy = (rundir.path / rel).with_suffix(".npy")
         if npy.is_file():
             images = np.load(npy)
-            label = npy.stem.rpartition("-")[2]  # samples-T0.7 -> T0.7
+            label = npy.stem.partition("-")[2]  # samples-T0.7 -> T0.7; samples-noclass-T0.7 -> noclass-T0.7
+            kind, _, temperature = label.rpartition("-")
             count = f", {overflowed[label]} of {len(images)} overflowed" if label in overflowed else ""
-            panels.append((f"{label[:1]} = {label[1:]}{count}", grid(images)))
+            # A class-conditional run's class grids (all but "noclass") have one row per class.
+            classes = len(summary.get("classes", ())) if kind != "noclass" else 0
+            ncol = max(1, len(images) // classes) if classes else None
+            panels.append((f"{kind + ', ' if kind else ''}T = {temperature[1:]}{count}", grid(images, ncol)))
     if not panels:
         return None
     fig = _figure(3.2 * len(panels), 3.6)

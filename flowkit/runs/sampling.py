@@ -56,12 +56,14 @@ def seeded_draw(session: Session, draw: Callable[[], Tensor], seed: int) -> tupl
 @torch.no_grad()
 def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple[float, ...] | list[float],
                  seed: int, prefix: str = "samples", metrics: MetricsSink | None = None,
-                 step: int = 0, draw: Callable[[float], Tensor] | None = None,
+                 step: int = 0, draw: Callable[[float], Tensor] | None = None, ncol: int | None = None,
                  ) -> tuple[list[Path], dict[str, int]]:
     """One PNG grid per temperature: ``<prefix>-T<temperature>.png``; also the number of images
     per temperature whose inverse overflowed (`saturate`). With ``metrics`` (a run's sink), each
     grid is also logged as image ``<prefix>/T<temperature>`` at ``step``. ``draw(temperature)``
-    replaces ``model.sample(n, temperature)`` (annealed sampling, `flowkit.runs.mcmc`)."""
+    replaces ``model.sample(n, temperature)`` (annealed sampling, `flowkit.runs.mcmc`; a class-
+    conditional run's draws by class, `flowkit.runs.classes`); ``ncol``: images per grid row
+    (default: a square grid)."""
     session.model.eval()
     draw = draw or (lambda temperature: session.model.sample(n, temperature=temperature))
     paths = []
@@ -70,7 +72,7 @@ def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple
         y, overflowed[f"T{temperature:g}"] = seeded_draw(session, lambda t=float(temperature): draw(t), seed)
         scale = max(1, 128 // session.dataset.shape[1])
         images = to_uint8(y, session.n_bits)
-        mosaic = grid(images)
+        mosaic = grid(images, ncol)
         paths.append(save_png(mosaic, out_dir / grid_name(prefix, temperature, ".png"), scale))
         if metrics is not None:
             metrics.image(f"{prefix}/T{temperature:g}", mosaic, step)

@@ -15,6 +15,8 @@ from flowkit.contracts.dequantizer import Dequantizer
 from flowkit.contracts.model import DensityModel, IndependentTerms
 from flowkit.contracts.transform import use_recompute
 from flowkit.errors import FlowkitError, RecipeError, ShapeError
+from flowkit.models.conditional import ClassConditioned
+from flowkit.nn.guidance import Guidance
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe
 from flowkit.runs import distributed
@@ -50,6 +52,7 @@ class Session:
     dequantizer: Dequantizer
     device: torch.device
     average: WeightAverage | None = None  # train.ema: the averaged weights, for evaluation and sampling
+    conditioning: ClassConditioned | None = None  # data.labels: the model as a class-conditional one
 
     @property
     def n_bits(self) -> int:
@@ -68,7 +71,8 @@ class Session:
 
     @property
     def objective(self) -> Objective:
-        return Objective(self.model, self.dequantizer, self.n_bits, self.num_dims, self.recipe.train.amp)
+        return Objective(self.model, self.dequantizer, self.n_bits, self.num_dims, self.recipe.train.amp,
+                         self.conditioning)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint holds: the model, the dequantizer and, with train.ema, their average."""
@@ -97,8 +101,10 @@ def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -
         raise FlowkitError(f"dataset {dataset.name} has {len(train_x)} training and {len(test_x)} test images; both must be > 0.")
     world = distributed.world()  # under torchrun: one process per device, cuda:LOCAL_RANK
     device = distributed.rank_device(pick_device(train.device), world)
+    num_classes = dataset.num_classes if train_x.labels is not None else 0
+    guidance = Guidance() if num_classes else None
     try:
-        model: DensityModel = build(recipe.model, in_shape=dataset.shape)
+        model: DensityModel = build_model(recipe, build, dataset.shape, num_classes, guidance)
         dequantizer: Dequantizer = build(recipe.dequantizer, in_shape=dataset.shape)
     except ShapeError as exc:
         raise FlowkitError(f"{recipe.source}: [model] does not fit {dataset.name} images of shape {dataset.shape}: {exc}") from None
@@ -110,7 +116,25 @@ def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -
     use_recompute(model, dequantizer, enabled=train.memory == "recompute")
     average = weight_average({"model": model, "dequantizer": dequantizer}, train.ema)
     distributed.init(device)  # joins torchrun's process group once the recipe is known to fit
-    return Session(recipe, dataset, train_x, test_x, model, dequantizer, device, average)
+    conditioning = ClassConditioned(model, num_classes, guidance) if num_classes else None
+    return Session(recipe, dataset, train_x, test_x, model, dequantizer, device, average, conditioning)
+
+
+def build_model(recipe: Recipe, build: Builder, shape: tuple[int, int, int], num_classes: int,
+                guidance: Guidance | None) -> DensityModel:
+    """The recipe's model; with ``num_classes`` K > 0 (data.labels), class-conditional: built with a
+    vector context of K + 1 entries (K: "no class") and every net and prior wrapped for guidance
+    (`flowkit.models.conditional`). Only the model is: a learned dequantizer sees no class."""
+    if not num_classes:
+        return build(recipe.model, in_shape=shape)
+    if not build.accepts(recipe.model, "vector"):
+        takers = ", ".join(p.name for p in build.registries["model"] if p.accepts("vector"))
+        raise RecipeError(f'data.labels = true makes a class-conditional model, but model "{recipe.model.use}" takes '
+                          f"no vector context. Models that do: {takers}; or set data.labels = false.", recipe.source)
+    guided = Builder(build.registries, guidance=guidance)
+    model = guided(recipe.model, in_shape=shape, context_shape=(num_classes + 1,))
+    build.built.extend(guided.built)  # what was built, as one builder records it
+    return model
 
 
 def splits(recipe: Recipe, dataset: ImageDataset) -> tuple[Split, Split]:

@@ -12,6 +12,7 @@ default with the seed the run itself used, so a loaded run reproduces the run's 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -93,6 +94,10 @@ class TrainedRun:
         >>> run = flowkit.load_run("runs/wavelet_flow_affine-20261123-101500")  # doctest: +SKIP
         >>> run.bpd(run.test_x[:100]).mean()  # doctest: +SKIP
         >>> images, overflowed = run.sample(16, temperature=0.7)  # doctest: +SKIP
+
+    A class-conditional run (data.labels): ``bpd(x, labels)`` is ``-log2 p(x | c) / D``, and
+    without labels the "no class" model's; ``sample(n, T, labels=3, guidance=2.0)`` draws a class,
+    guided; ``classify(x)`` gives the Bayes classifier's classes and ``log p(x | c)`` per class.
     """
 
     def __init__(self, rundir: RunDir, session: Session) -> None:
@@ -185,14 +190,55 @@ class TrainedRun:
 
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, *, seed: int | None = None) -> Samples:
+    def sample(self, n: int, temperature: float = 1.0, *, seed: int | None = None,
+               labels: Tensor | np.ndarray | int | None = None, guidance: float | None = None) -> Samples:
         """``n`` images at ``temperature``; ``seed`` default: the recipe's sample.seed, so that
-        ``sample(sample.n, T)`` gives the run's own grid at T."""
+        ``sample(sample.n, T)`` gives the run's own grid at T. A class-conditional run draws class
+        ``labels`` (an int, or one per image; None: "no class"), with classifier-free ``guidance``
+        ``w`` when given (``h = h_c + w (h_c - h_u)``; a guided sample has no exact density)."""
         if n < 1:
             raise FlowkitError(f"n = {n}: ask for at least one sample.")
         seed = self.recipe.sample.seed if seed is None else seed
-        y, overflowed = seeded_draw(self.session, lambda: self.model.sample(n, temperature=float(temperature)), seed)
+        conditioning = self.session.conditioning
+        if conditioning is None:
+            if labels is not None or guidance is not None:
+                raise FlowkitError(f"{self.path} is not class-conditional (data.labels = false): it samples "
+                                   "without labels or guidance.")
+            draw = lambda: self.model.sample(n, temperature=float(temperature))  # noqa: E731
+        else:
+            if labels is not None and not isinstance(labels, int):
+                labels = self._labels_in(labels, n)
+            elif isinstance(labels, int):
+                self._labels_in(torch.tensor([labels]), 1)
+            draw = lambda: conditioning.sample(n, float(temperature), labels, guidance)  # noqa: E731
+        y, overflowed = seeded_draw(self.session, draw, seed)
         return Samples(self._levels_out(y), overflowed)
+
+    @torch.no_grad()
+    def classify(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> tuple[Tensor, Tensor]:
+        """The Bayes classifier of a class-conditional run: ``argmax_c p(x | c) p(c)`` per image
+        (a LongTensor ``(B,)``) and ``log p(x | c)`` ``(B, K)`` float64 nats (the dequantized
+        bound, one noise draw per image shared by the classes), ``p(c)`` the training labels'
+        frequencies (`flowkit.runs.classes`)."""
+        from flowkit.runs.classes import class_log_prior, conditioning_of, log_prob_per_class
+        from flowkit.runs.evaluate import eval_mode
+
+        conditioning = conditioning_of(self.session)
+        x = self._levels_in(x, self.shape, "x")
+        seed = self.recipe.train.seed + 1 if seed is None else seed
+        prior = class_log_prior(self.session.train_x.labels, conditioning.num_classes)
+        predicted, log_px = [], []
+        objective = self.session.objective
+        c, h, w = self.shape
+        with eval_mode(self.session, seed):
+            for start in range(0, len(x), self.recipe.train.eval_batch_size):
+                batch = x[start : start + self.recipe.train.eval_batch_size].to(self.device)
+                y, log_q = objective.dequantize(batch)
+                per_class = log_prob_per_class(self.session, y)
+                predicted.append(conditioning.bayes_classify(per_class, prior.to(per_class.device)).cpu())
+                log_q = torch.as_tensor(log_q, device=per_class.device).double()
+                log_px.append((per_class - c * h * w * math.log(2**self.n_bits) - log_q.reshape(-1, 1)).cpu())
+        return torch.cat(predicted), torch.cat(log_px)
 
     @torch.no_grad()
     def downsample(self, x: Tensor | np.ndarray, level: int) -> Tensor:

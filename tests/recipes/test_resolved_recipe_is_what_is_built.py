@@ -17,11 +17,13 @@ import pytest
 
 from flowkit.build import Builder
 from flowkit.errors import FlowkitError, ShapeError
+from flowkit.nn.guidance import Guidance
 from flowkit.params import DERIVED, PartRef, declared_copies
 from flowkit.plugins import make_plugins
 from flowkit.recipes.load import Recipe, load_recipe, preset_names
 from flowkit.recipes.schema import field_types
 from flowkit.recipes.toml_write import toml_value
+from flowkit.runs.session import build_model
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
 CASES = [(path, preset) for path in RECIPES for preset in [None, *preset_names(path)]]
@@ -38,7 +40,9 @@ def build_recorded(plugins, recipe: Recipe) -> list[tuple[str, Any]]:  # noqa: A
     build = Builder(plugins.registries)
     shape = SHAPES[recipe.data.use]
     build(recipe.dequantizer, in_shape=shape)
-    build(recipe.model, in_shape=shape)
+    # A class-conditional preset (data.labels) is built as a run builds it, for 10 classes.
+    num_classes = 10 if recipe.data.params.labels else 0
+    build_model(recipe, build, shape, num_classes, Guidance() if num_classes else None)
     return build.built
 
 

@@ -153,7 +153,9 @@ class Recorded:
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> Recorded:
     record = Recorded()
-    monkeypatch.setattr(Objective, "condition", lambda self, labels: record(self, labels))
+    original = Objective.condition
+    monkeypatch.setattr(Objective, "condition",
+                        lambda self, labels, like: (record(self, labels), original(self, labels, like))[1])
     return record
 
 

@@ -330,10 +330,12 @@ LABELLED = ["train.device=cpu", "train.threads=1", "train.steps=2", "train.batch
 def labels_seen(out: Path | None) -> list[list[int]]:
     """The labels `Objective.condition` receives while training (gradients on), one list per call."""
     seen: list[list[int]] = []
+    original = Objective.condition
 
-    def condition(self: Objective, labels: torch.Tensor | None) -> None:
+    def condition(self: Objective, labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         if torch.is_grad_enabled() and labels is not None:
             seen.append(labels.tolist())
+        return original(self, labels, like)
 
     Objective.condition = condition  # this process only (or undone by the caller)
     plugins = make_plugins()

@@ -35,6 +35,9 @@ def row_record(row: VariantRow, first: VariantRow, target: float | None) -> dict
         "diff_to_first": diff[0] if diff else None,
         "diff_ci95": diff[1] if diff else None,
         "test_bpd_iw": _mean(row.values("test_bpd_iw")),
+        # Class-conditional runs (their test_bpd here is the marginal, `results.read_run`).
+        "test_bpd_conditional": _mean(row.values("test_bpd_conditional")),
+        "bayes_accuracy": _mean(row.values("bayes_accuracy")),
         "params": _mean(row.values("params")),
         "train_images_per_s": _mean(row.values("train_images_per_s")),
         "steps": _mean(row.values("steps")),
@@ -89,7 +92,7 @@ def write_report(out: Path, rows: list[VariantRow], *, title: str, description: 
     records = [row_record(row, first, target) for row in rows]
     write_json_atomic(out / "report.json", {"title": title, "target_bpd": target, "variants": records})
     columns = ["variant", "test_bpd_mean", "test_bpd_std", "train_bpd_mean", "diff_to_first", "diff_ci95", "test_bpd_iw", "params",
-               "train_images_per_s", "steps", "peak_memory_mib", "wall_s", "time_to_target_s"]
+               "test_bpd_conditional", "bayes_accuracy", "train_images_per_s", "steps", "peak_memory_mib", "wall_s", "time_to_target_s"]
     with open(out / "report.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow([*columns, "seeds", "overrides", "errors"])
@@ -118,6 +121,15 @@ def write_report(out: Path, rows: list[VariantRow], *, title: str, description: 
             f"{_fmt(rec['train_images_per_s'], 1)} | {_fmt(rec['steps'], 0)} | {_fmt(rec['peak_memory_mib'], 0)} | "
             f"{_fmt(rec['wall_s'], 1)} | {'not reached' if reached is None and target and rec['seeds'] else _fmt(reached, 1)} |"
         )
+    conditional = [rec for rec in records if rec["test_bpd_conditional"] is not None]
+    if conditional:
+        lines += ["", "Class-conditional variants (data.labels): their test bits/dim above is the marginal, "
+                  "-log2 sum_c p(x | c) p(c) / D, the density of the image that an unconditional variant's figure "
+                  "is; beside it the conditional -log2 p(x | c) / D under each image's own class and the Bayes "
+                  "classifier's test accuracy (means over seeds):", "",
+                  "| variant | marginal (above) | conditional | Bayes accuracy |", "| --- | --- | --- | --- |"]
+        lines += [f"| {rec['variant']} | {_fmt(rec['test_bpd_mean'])} | {_fmt(rec['test_bpd_conditional'])} | "
+                  f"{_fmt(rec['bayes_accuracy'])} |" for rec in conditional]
     lines += ["", "What distinguishes the variants (resolved values):", ""]
     for rec in records:
         shown = _shown_overrides(rec["overrides"])
