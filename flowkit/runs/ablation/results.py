@@ -64,7 +64,7 @@ def read_run(path: Path, variant: str = "", seed: int | None = None, recipe: dic
         # label; comparisons rank the density of the image itself, its marginal -log2 sum_c p(x|c) p(c) / D,
         # which is what an unconditional run's test_bpd is. The conditional figure stays beside it.
         summary = {**summary, "test_bpd": summary["test_bpd_marginal"],
-                   "test_bpd_conditional": summary["test_bpd"]}
+                   "test_bpd_conditional": summary.get("test_bpd_conditional", summary["test_bpd"])}
     if rundir.recipe_path.is_file():
         recipe = tomllib.loads(rundir.recipe_path.read_text())
     recipe = recipe or {}
