@@ -17,6 +17,7 @@ import torch
 
 from flowkit.contracts.model import LatentVariable
 from flowkit.runs import distributed
+from flowkit.runs.bpd import figure_key
 from flowkit.runs.evaluate import evaluate, evaluate_iw
 from flowkit.runs.inspect import count_parameters
 from flowkit.runs.report import write_report
@@ -28,6 +29,9 @@ from flowkit.runs.trainer import Reporter, Trainer, peak_memory_bytes
 DENSITY = "dequantized bound: -log p(y) + D log 2^n_bits + log q(u|x), over all C*H*W dims"
 DENSITY_ALONE = ("term {term} alone, a density of its own: -log p(term) + D_t log 2^n_bits over its own D_t dims "
                  "(the model's other terms were not trained)")
+DENSITY_NOISY = ("noisy-data NLL, not a bound on the images' bits/dim: -log p(y) + D log 2^n_bits for noisy images "
+                 "y = (x + 1/2) / 2^n_bits + noise that leaves the bin (the dequantizer's), in bits per dim of the "
+                 "noisy image 2^n_bits y, over all C*H*W dims")
 DENSITY_ELBO = ("evidence lower bound (ELBO) of a latent-variable model, one draw z ~ q(z|y) per image: "
                 "-log p(y|z) + KL(q(z|y) || p(z)) + D log 2^n_bits + log q(u|x), over all C*H*W dims")
 TRAIN_EVAL_IMAGES = 10_000  # train bpd is measured on this many training images, like the test set
@@ -66,6 +70,12 @@ def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *,
             samples, overflowed = sample_grids(session, rundir.samples, n=recipe.sample.n,
                                                temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
                                                metrics=rundir.metrics if log_samples else None, step=step)
+            if recipe.sample.denoise:  # the same draws, denoised: grids that pair up with the ones above
+                more, counts = sample_grids(session, rundir.samples, n=recipe.sample.n,
+                                            temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
+                                            metrics=rundir.metrics if log_samples else None, step=step, denoised=True)
+                samples += more
+                overflowed.update({f"denoised-{k}": v for k, v in counts.items()})
             iw = importance_weighted(session, reporter)
     return Evaluated(test, train, len(train_x), samples, overflowed, iw)
 
@@ -77,7 +87,11 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
     adds), which density the figures are of, and the figures of ``evaluated``."""
     recipe, cfg = session.recipe, session.recipe.train
     test, train = evaluated.test, evaluated.train
-    if alone is not None:
+    figure = session.dequantizer.figure
+    key = figure_key(figure)  # "bpd", or "noisy_nll" where the noise leaves the bin: never called bits/dim
+    if figure == "noisy_nll":
+        density = DENSITY_NOISY
+    elif alone is not None:
         density = DENSITY_ALONE.format(term=alone)
     else:
         density = DENSITY_ELBO if isinstance(session.model, LatentVariable) else DENSITY
@@ -89,13 +103,14 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
         "image_shape": list(session.dataset.shape),
         "n_bits": session.n_bits,
         "density": density,
-        "test_bpd": test["bpd"],
-        "train_bpd": train["bpd"],
+        "figure": figure,
+        f"test_{key}": test[key],
+        f"train_{key}": train[key],
         # Terms that are densities of their own (Wavelet Flow's levels): bits/dim over their own dims.
-        "test_bpd_per_part": _by_prefix(test, "bpd/"),
-        "train_bpd_per_part": _by_prefix(train, "bpd/"),
+        f"test_{key}_per_part": _by_prefix(test, f"{key}/"),
+        f"train_{key}_per_part": _by_prefix(train, f"{key}/"),
         # Terms that are not (Glow's levels): each one's share of the whole image's bits/dim.
-        "test_bpd_share_per_part": _by_prefix(test, "bpd_share/"),
+        f"test_{key}_share_per_part": _by_prefix(test, f"{key}_share/"),
         "test_images": len(session.test_x),
         "train_eval_images": evaluated.train_images,
         "params": count_parameters(session.model, session.dequantizer),

@@ -119,6 +119,15 @@ def check_training_fit(recipe: Recipe, model: DensityModel, dequantizer: Dequant
     recomputation would run in every backward pass.
     """
     train, source = recipe.train, recipe.source
+    if dequantizer.figure != "bits_per_dim" and (train.level >= 0 or recipe.eval.iw_samples):
+        key = f"train.level = {train.level}" if train.level >= 0 else f"eval.iw_samples = {recipe.eval.iw_samples}"
+        raise RecipeError(f"{key} reports bits/dim, and dequantizer.use = \"{recipe.dequantizer.use}\" draws noise that "
+                          "leaves each pixel's bin: its figure is the noisy images' NLL, which bounds no bits/dim. "
+                          f'Use dequantizer.use = "uniform" or drop {key.split(" =")[0]}.', source)
+    if recipe.sample.denoise and dequantizer.noise_std is None:
+        raise RecipeError(f'sample.denoise = true steps by the Gaussian noise\'s sigma, and dequantizer.use = '
+                          f'"{recipe.dequantizer.use}" adds no Gaussian noise (use "gaussian", or sample.denoise = false).',
+                          source)
     sequential = sequential_inverses(model, dequantizer) if train.memory == "recompute" else []
     if sequential:
         shown = ", ".join(sequential[:3]) + (f" and {len(sequential) - 3} more" if len(sequential) > 3 else "")
