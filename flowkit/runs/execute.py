@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from flowkit.contracts.model import LatentVariable
+from flowkit.contracts.transform import sequential_inverses
 from flowkit.runs import distributed
 from flowkit.runs.bpd import figure_key
 from flowkit.runs.evaluate import evaluate, evaluate_iw
@@ -40,15 +41,16 @@ TRAIN_EVAL_IMAGES = 10_000  # train bpd is measured on this many training images
 @dataclass
 class Evaluated:
     """A trained model's figures: bits/dim on the test set and on the first training images (the
-    `flowkit.runs.evaluate.evaluate` dictionaries), its sample grids and the importance-weighted
-    estimate (empty unless eval.iw_samples)."""
+    `flowkit.runs.evaluate.evaluate` dictionaries), its sample grids and ``extra``: the summary keys
+    of sampling (``sample_images_per_s`` of the grids' draws; ``sample_solver`` for a sequential
+    inverse) and of the importance-weighted estimate (unless eval.iw_samples = 0)."""
 
     test: dict[str, float]
     train: dict[str, float]
     train_images: int
     samples: list[Path]
     overflowed: dict[str, int]
-    iw: dict[str, Any]
+    extra: dict[str, Any]
 
 
 def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *, alone: str | None = None,
@@ -62,22 +64,28 @@ def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *,
     train_x = session.train_x[:TRAIN_EVAL_IMAGES]
     samples: list[Path] = []
     overflowed: dict[str, int] = {}
-    iw: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
     with session.evaluation_weights():
         test = evaluate(session, session.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, alone=alone)
         train = evaluate(session, train_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2, alone=alone)
         if alone is None:
             samples, overflowed = sample_grids(session, rundir.samples, n=recipe.sample.n,
                                                temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
-                                               metrics=rundir.metrics if log_samples else None, step=step)
+                                               metrics=rundir.metrics if log_samples else None, step=step,
+                                               seconds=seconds)
+            if seconds:  # the grids' draws: sampling images/s of every model, one number (ablation reports)
+                extra["sample_images_per_s"] = recipe.sample.n * len(seconds) / max(sum(seconds.values()), 1e-9)
+                if sequential_inverses(session.model):  # TarFlow: which inverse drew them
+                    extra["sample_solver"] = recipe.sample.solver
             if recipe.sample.denoise:  # the same draws, denoised: grids that pair up with the ones above
                 more, counts = sample_grids(session, rundir.samples, n=recipe.sample.n,
                                             temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
                                             metrics=rundir.metrics if log_samples else None, step=step, denoised=True)
                 samples += more
                 overflowed.update({f"denoised-{k}": v for k, v in counts.items()})
-            iw = importance_weighted(session, reporter)
-    return Evaluated(test, train, len(train_x), samples, overflowed, iw)
+            extra.update(importance_weighted(session, reporter))
+    return Evaluated(test, train, len(train_x), samples, overflowed, extra)
 
 
 def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: dict[str, Any], *,
@@ -120,7 +128,7 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
         "samples": [str(p.relative_to(rundir.path)) for p in evaluated.samples],
         "level": cfg.level,
         "weights": f"exponential moving average, decay {cfg.ema}" if cfg.ema else "trained (no averaging)",
-        **evaluated.iw,
+        **evaluated.extra,
     }
     if evaluated.samples:
         summary["samples_overflowed"] = evaluated.overflowed  # images per grid whose inverse overflowed

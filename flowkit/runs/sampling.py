@@ -5,6 +5,7 @@ seeded draw, overflowed images saturated and counted), `sample_grids` writes the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,14 +93,15 @@ def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple
                  seed: int, prefix: str = "samples", metrics: MetricsSink | None = None,
                  step: int = 0, draw: Callable[[float], Tensor] | None = None,
                  solver: InverseSolver | None = None, denoised: bool = False,
-                 ) -> tuple[list[Path], dict[str, int]]:
+                 seconds: dict[str, float] | None = None) -> tuple[list[Path], dict[str, int]]:
     """One PNG grid per temperature: ``<prefix>-T<temperature>.png``; also the number of images
     per temperature whose inverse overflowed (`saturate`). With ``metrics`` (a run's sink), each
     grid is also logged as image ``<prefix>/T<temperature>`` at ``step``. ``draw(temperature)``
     replaces ``model.sample(n, temperature)`` (annealed sampling, `flowkit.runs.mcmc`).
     ``solver``: how sequential inverses are solved (None: the recipe's). ``denoised``: every
     draw is denoised (`denoise`) before it is saturated, into ``<prefix>-denoised-T<t>.png``;
-    the same seed draws the same images as without, so the grids pair up."""
+    the same seed draws the same images as without, so the grids pair up. ``seconds``: filled
+    with each draw's wall time by ``T<temperature>`` (the run's sampling images/s)."""
     session.model.eval()
     draw = draw or (lambda temperature: session.model.sample(n, temperature=temperature))
     if denoised:
@@ -108,8 +110,11 @@ def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple
     paths = []
     overflowed: dict[str, int] = {}
     for temperature in temperatures:
+        tick = time.perf_counter()
         with solving(session, solver):
             y, overflowed[f"T{temperature:g}"] = seeded_draw(session, lambda t=float(temperature): draw(t), seed)
+        if seconds is not None:
+            seconds[f"T{temperature:g}"] = time.perf_counter() - tick
         scale = max(1, 128 // session.dataset.shape[1])
         images = to_uint8(y, session.n_bits)
         mosaic = grid(images)
