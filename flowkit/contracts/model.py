@@ -49,8 +49,9 @@ class DensityModel(nn.Module):
     def part_dims(self) -> dict[str, int]:
         raise NotImplementedError
 
-    def log_prob(self, y: Tensor) -> Tensor:
-        parts = self.log_prob_parts(y)
+    def log_prob(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        """The sum of `log_prob_parts` (given ``context``, for a model built with one)."""
+        parts = self.log_prob_parts(y) if context is None else self.log_prob_parts(y, context)
         return torch.stack(list(parts.values())).sum(0)
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
