@@ -183,6 +183,7 @@ def validate_recipe(
             problems.append(f"[{section}] should be a table.")
             continue
         values[section] = validate_fields(registries, cls, sub, section, problems, extra_keys=())
+    problems += _across_sections(values)
     if problems:
         raise RecipeError(problems, source)
     return Recipe(
@@ -191,6 +192,18 @@ def validate_recipe(
         log=values["log"],
         source=source, preset=preset or "", overrides=tuple(overrides),
     )
+
+
+def _across_sections(values: dict[str, Any]) -> list[str]:
+    """Problems of keys that depend on another section's (once each section is valid)."""
+    train, data = values.get("train"), getattr(values.get("data"), "params", None)
+    if train is None or data is None or train.label_dropout == 0:
+        return []
+    if not getattr(data, "labels", False):
+        return [f"train.label_dropout = {train.label_dropout} replaces training labels by \"no class\", but "
+                "data.labels = false reads none; set data.labels = true (on a dataset with labels) or "
+                "train.label_dropout = 0."]
+    return []
 
 
 def load_recipe(

@@ -56,6 +56,12 @@ class TrainParams:
         0.0, "translate each training image by up to this fraction of its side, edge pixels repeated "
         "(openai/glow on CIFAR-10: 0.1; 0: off)")
     seed: int = param(0, "seed of weights, data order and dequantization noise")
+    label_dropout: float = param(
+        0.0, "replace each training label by K (\"no class\") with this probability, drawn per (seed, step) on "
+        "the training thread, so one network also learns the unconditional model (needs data.labels = true)")
+    prefetch: int = param(
+        2, "batches read ahead in a background thread that only reads and copies (pinned memory, non-blocking "
+        "host-to-device on CUDA); the batches are the same with any value (0: read on the training thread)")
     level: int = param(-1, "train one parameter group alone (a Wavelet Flow level, 0 = base); -1: all")
     init_batch_size: int = param(512, "images for the data-dependent (actnorm) initialisation")
     eval_every: int = param(0, "evaluate the test set every N steps (0: only at the end)")
@@ -103,6 +109,10 @@ class TrainParams:
             raise ValueError(f"accumulate = {self.accumulate} must be >= 1 and divide batch_size = {self.batch_size}.")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema = {self.ema} must be in [0, 1).")
+        if not 0 <= self.label_dropout <= 1:
+            raise ValueError(f"label_dropout = {self.label_dropout} must be in [0, 1].")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch = {self.prefetch} must be >= 0.")
         if not 0 <= self.shift_augment < 0.5:
             raise ValueError(f"shift_augment = {self.shift_augment} must be in [0, 0.5).")
         if self.steps == 0 and self.minutes == 0:

@@ -143,6 +143,11 @@ def shard(indices: Tensor, w: World) -> Tensor:
     return indices.tensor_split(w.size)[w.rank]
 
 
+def shard_start(n: int, w: World) -> int:
+    """Where this rank's slice of a global batch of ``n`` starts (`shard`'s slices)."""
+    return sum(len(part) for part in torch.arange(n).tensor_split(w.size)[: w.rank])
+
+
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """The RNG seed of rank > 0 for ``step``, set before every step: its dequantization noise must
     differ from rank 0's, whose stream is the one checkpoints carry, and depend on the step alone,
@@ -159,15 +164,15 @@ def sum_over_ranks(values: Tensor) -> Tensor:
 
 class ObjectiveModule(nn.Module):
     """`Objective.loss` as a module, so that DDP can wrap it: the model and the dequantizer are its
-    submodules, and ``forward(x)`` returns the mean bits/dim of ``x`` and its terms."""
+    submodules, and ``forward(x, labels)`` returns the mean bits/dim of ``x`` and its terms."""
 
     def __init__(self, objective: Objective, names: Sequence[str] | None) -> None:
         super().__init__()
         self.model, self.dequantizer = objective.model, objective.dequantizer
         self.objective, self.names = objective, names
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.objective.loss(x, self.names)
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.objective.loss(x, self.names, labels)
 
 
 def data_parallel(objective: Objective, names: Sequence[str] | None, device: torch.device) -> DistributedDataParallel:

@@ -61,14 +61,16 @@ def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *,
     grids to the run's metrics at ``step``."""
     recipe, cfg = session.recipe, session.recipe.train
     reporter.message(f"Evaluating on {len(session.test_x)} test images...")
-    train_x = session.train_x[:TRAIN_EVAL_IMAGES]
+    train_x = session.train_x.first(TRAIN_EVAL_IMAGES)
     samples: list[Path] = []
     overflowed: dict[str, int] = {}
     extra: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     with session.evaluation_weights():
-        test = evaluate(session, session.test_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, alone=alone)
-        train = evaluate(session, train_x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2, alone=alone)
+        test = evaluate(session, session.test_x, session.test_x.labels, batch_size=cfg.eval_batch_size,
+                        seed=cfg.seed + 1, alone=alone)
+        train = evaluate(session, train_x, train_x.labels, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2,
+                         alone=alone)
         if alone is None:
             samples, overflowed = sample_grids(session, rundir.samples, n=recipe.sample.n,
                                                temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
@@ -186,10 +188,10 @@ def importance_weighted(session: Session, reporter: Reporter) -> dict[str, Any]:
     cfg = session.recipe.eval
     if not cfg.iw_samples:
         return {}
-    x = session.test_x[: cfg.iw_images] if cfg.iw_images else session.test_x
+    x = session.test_x.first(cfg.iw_images)
     reporter.message(f"Importance-weighted evaluation: {cfg.iw_samples} samples per image, {len(x)} test images...")
     batch = cfg.iw_batch_size or session.recipe.train.eval_batch_size
-    bpd = evaluate_iw(session, x, k=cfg.iw_samples, batch_size=batch, seed=session.recipe.train.seed + 3)
+    bpd = evaluate_iw(session, x, x.labels, k=cfg.iw_samples, batch_size=batch, seed=session.recipe.train.seed + 3)
     return {"test_bpd_iw": bpd, "iw_samples": cfg.iw_samples, "iw_images": len(x)}
 
 

@@ -14,6 +14,10 @@ map and log-determinant leaves autocast (invertible 1x1 convolutions, coupling t
 priors, the dequantizer's flow: each says so where it computes them), so the terms, and the
 bits/dim computed from them here, are float32. Autocast state is per thread: `terms` enters it
 itself, so the term threads of train.level_threads get it too.
+
+Labels (a LongTensor ``(B,)`` of class indices, K for "no class", or None) travel beside the
+images into `loss`, `terms` and `iw_log_likelihood`, which turn them into the model's
+conditioning with `condition`; the model is called with ``context=`` only when that is not None.
 """
 
 from __future__ import annotations
@@ -41,9 +45,8 @@ class Objective:
         self.n_bits, self.num_dims = n_bits, num_dims
         self.amp = amp
         # The model's density functions; `compiled` replaces them with torch.compile'd ones.
-        self._parts: Callable[[Tensor], dict[str, Tensor]] = model.log_prob_parts
-        self._named_terms: Callable[[Tensor, Sequence[str]], dict[str, Tensor]] | None = getattr(
-            model, "log_prob_terms", None)
+        self._parts: Callable[..., dict[str, Tensor]] = model.log_prob_parts
+        self._named_terms: Callable[..., dict[str, Tensor]] | None = getattr(model, "log_prob_terms", None)
 
     def compiled(self, mode: str) -> Objective:
         """The same objective with the model's terms under ``torch.compile(mode=mode)`` (train.compile):
@@ -70,15 +73,35 @@ class Objective:
         with self.autocast(x):
             return self.dequantizer(x, self.n_bits)
 
-    def terms(self, y: Tensor, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Every term of log p(y), or only ``names`` (a model with `IndependentTerms`)."""
+    def condition(self, labels: Tensor | None) -> Tensor | None:
+        """The model's conditioning for a batch's ``labels`` (LongTensor ``(B,)``, K = "no class"), or
+        None: the model is then called without a context. Unconditional models take none whatever
+        the labels; a class-conditional model's context (its one-hot over K + 1 classes) is made here."""
+        return None
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, labels: Tensor | None = None) -> None:
+        """Data-dependent initialisation (actnorm) of the dequantizer, then of the model on the
+        dequantized batch, conditioned on ``labels`` where the model is."""
+        self.dequantizer.initialize(x, self.n_bits)
+        y, _ = self.dequantize(x)
+        self.model.initialize(y, **self._context(labels))
+
+    def _context(self, labels: Tensor | None) -> dict[str, Tensor]:
+        context = self.condition(labels)
+        return {} if context is None else {"context": context}
+
+    def terms(self, y: Tensor, names: Sequence[str] | None = None, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """Every term of log p(y), or only ``names`` (a model with `IndependentTerms`), conditioned
+        on ``labels`` where the model is (`condition`)."""
         if names is not None and not isinstance(self.model, IndependentTerms):
             raise TypeError(f"{type(self.model).__name__} has no terms that can be computed alone.")
+        context = self._context(labels)
         with self.autocast(y):
             if names is None:
-                return self._parts(y)
+                return self._parts(y, **context)
             assert self._named_terms is not None  # an IndependentTerms model has it
-            return self._named_terms(y, names)
+            return self._named_terms(y, names, **context)
 
     def bits_per_dim(self, terms: dict[str, Tensor], log_q: Tensor | float, alone: str | None = None) -> Tensor:
         """Per-image bits/dim: of the whole image from all its terms and log q, or of the term
@@ -93,15 +116,16 @@ class Objective:
         a term that is not a density of its own (a Glow level) contributes."""
         return nats_to_bits_per_dim(-term, self.num_dims)
 
-    def loss(self, x: Tensor, names: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, x: Tensor, names: Sequence[str] | None = None, labels: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean bits/dim of a batch and its terms: of the whole image, or of one term alone."""
         y, log_q = self.dequantize(x)
-        terms = self.terms(y, names)
+        terms = self.terms(y, names, labels)
         alone = names[0] if names is not None and len(names) == 1 else None
         return self.bits_per_dim(terms, log_q, alone).mean(), terms
 
     @torch.no_grad()
-    def iw_log_likelihood(self, x: Tensor, k: int) -> Tensor:
+    def iw_log_likelihood(self, x: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
         r"""``log P(x) ≈ logsumexp_k [log p(y_k) - D log K - log q(u_k | x)] - log k``, nats, (B,).
 
         The k-sample importance-weighted bound of Flow++'s reported figures (Burda et al. 2016):
@@ -112,10 +136,12 @@ class Objective:
         if k < 1:
             raise ValueError(f"--iw-samples {k} must be >= 1.")
         samples = []
+        context = self._context(labels)
         for _ in range(k):
             y, log_q = self.dequantize(x)
             with self.autocast(y):
-                log_p = self.model.log_joint_sample(y) if isinstance(self.model, LatentVariable) else self.model.log_prob(y)
+                log_p = (self.model.log_joint_sample(y, **context) if isinstance(self.model, LatentVariable)
+                         else self.model.log_prob(y, **context))
             # One importance weight of log P(x): minus the one-sample dequantized bound.
             samples.append(-discrete_nll(log_p.double(), self.num_dims, self.n_bits, torch.as_tensor(log_q).double()))
         return torch.logsumexp(torch.stack(samples), dim=0) - math.log(k)

@@ -18,7 +18,7 @@ from flowkit.errors import FlowkitError, RecipeError, ShapeError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe
 from flowkit.runs import distributed
-from flowkit.runs.bpd import reduce_bits
+from flowkit.runs.data import Split
 from flowkit.runs.ema import WeightAverage, weight_average
 from flowkit.runs.objective import Objective
 
@@ -37,12 +37,15 @@ def pick_device(name: str) -> torch.device:
 
 @dataclass
 class Session:
-    """The built parts of one run. Images are kept as uint8 on the CPU and moved per batch."""
+    """The built parts of one run. Images stay where the dataset keeps them (in memory or
+    memory-mapped), as uint8, and are read, reduced to n_bits and moved per batch
+    (`flowkit.runs.data.Split`); ``train_x.labels`` and ``test_x.labels`` are the labels when
+    data.labels asks for them, else None."""
 
     recipe: Recipe
     dataset: ImageDataset
-    train_x: torch.Tensor
-    test_x: torch.Tensor
+    train_x: Split
+    test_x: Split
     model: DensityModel
     dequantizer: Dequantizer
     device: torch.device
@@ -56,6 +59,12 @@ class Session:
     def num_dims(self) -> int:
         c, h, w = self.dataset.shape
         return c * h * w
+
+    @property
+    def num_classes(self) -> int:
+        """K, the dataset's class count when data.labels asks for labels (0 otherwise); the label
+        K is "no class" (train.label_dropout)."""
+        return self.dataset.num_classes if self.train_x.labels is not None else 0
 
     @property
     def objective(self) -> Objective:
@@ -83,9 +92,7 @@ def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -
     torch.set_num_threads(train.threads or os.cpu_count() or 1)
     build = Builder(plugins.registries)
     dataset: ImageDataset = build(recipe.data)
-    n_bits = recipe.data.params.n_bits
-    train_x = reduce_bits(torch.from_numpy(dataset.train), n_bits, dataset.max_value)
-    test_x = reduce_bits(torch.from_numpy(dataset.test), n_bits, dataset.max_value)
+    train_x, test_x = splits(recipe, dataset)
     if len(train_x) == 0 or len(test_x) == 0:
         raise FlowkitError(f"dataset {dataset.name} has {len(train_x)} training and {len(test_x)} test images; both must be > 0.")
     world = distributed.world()  # under torchrun: one process per device, cuda:LOCAL_RANK
@@ -104,6 +111,20 @@ def build_session(recipe: Recipe, plugins: Plugins, *, with_data: bool = True) -
     average = weight_average({"model": model, "dequantizer": dequantizer}, train.ema)
     distributed.init(device)  # joins torchrun's process group once the recipe is known to fit
     return Session(recipe, dataset, train_x, test_x, model, dequantizer, device, average)
+
+
+def splits(recipe: Recipe, dataset: ImageDataset) -> tuple[Split, Split]:
+    """The train and test `Split` of ``dataset``, with labels when data.labels asks for them (refused,
+    naming the dataset, where it has none). Nothing is read: images are reduced per batch."""
+    data = recipe.data.params
+    keep = bool(getattr(data, "labels", False))  # a third-party dataset's Params may not subclass DataParams
+    if keep and not dataset.has_labels:
+        raise RecipeError(
+            f'data.labels = true asks for class labels, but dataset "{recipe.data.use}" ({dataset.name}, '
+            f"{dataset.source or 'no file'}) has none. Datasets with labels: mnist, cifar10, npz with y_train and "
+            "y_test, image_folder and store with class subfolders; or set data.labels = false.", recipe.source)
+    return (Split(dataset.train, dataset.train_labels if keep else None, data.n_bits, dataset.max_value),
+            Split(dataset.test, dataset.test_labels if keep else None, data.n_bits, dataset.max_value))
 
 
 def check_training_fit(recipe: Recipe, model: DensityModel, dequantizer: Dequantizer) -> None:

@@ -41,12 +41,13 @@ class TermThreads:
     """Runs forward and backward of disjoint groups of a model's terms in a thread pool."""
 
     def __init__(self, model: IndependentTerms, threads: int, loss: Callable[[dict[str, Tensor]], Tensor],
-                 terms: Callable[[Tensor, list[str]], dict[str, Tensor]] | None = None) -> None:
-        """``loss(terms)``: the scalar loss of a group of terms, affine in their sum; ``terms(y, names)``
-        computes them (default ``model.log_prob_terms``; the trainer passes `Objective.terms`, which
-        enters train.amp's autocast in the worker thread, where autocast state lives)."""
+                 terms: Callable[[Tensor, list[str], Tensor | None], dict[str, Tensor]] | None = None) -> None:
+        """``loss(terms)``: the scalar loss of a group of terms, affine in their sum; ``terms(y, names,
+        labels)`` computes them (default ``model.log_prob_terms``, unconditional; the trainer passes
+        `Objective.terms`, which conditions on the labels and enters train.amp's autocast in the
+        worker thread, where autocast state lives)."""
         self.model = model
-        self.terms = terms or model.log_prob_terms
+        self.terms = terms or (lambda y, names, labels: model.log_prob_terms(y, names))
         self.threads = threads
         self.loss = loss
         # torch's thread count is process-wide: one per term thread while training, restored
@@ -57,12 +58,12 @@ class TermThreads:
         self.groups: list[list[str]] = []
         self.order: list[str] = []  # the model's term order, which `backward` returns
 
-    def _term_backward(self, y: Tensor, names: list[str]) -> dict[str, Tensor]:
-        terms = self.terms(y, names)
+    def _term_backward(self, y: Tensor, names: list[str], labels: Tensor | None = None) -> dict[str, Tensor]:
+        terms = self.terms(y, names, labels)
         self.loss(terms).backward()
         return {name: term.detach() for name, term in terms.items()}
 
-    def plan(self, y: Tensor) -> list[list[str]]:
+    def plan(self, y: Tensor, labels: Tensor | None = None) -> list[list[str]]:
         """Times one forward and backward of each term on ``y`` and balances them over the threads.
 
         Leaves gradients behind: call before ``zero_grad``. Buffers (running state such as
@@ -74,7 +75,7 @@ class TermThreads:
         costs = {}
         for name in self.order:
             tick = time.perf_counter()
-            self.pool.submit(self._term_backward, y, [name]).result()
+            self.pool.submit(self._term_backward, y, [name], labels).result()
             costs[name] = time.perf_counter() - tick
         with torch.no_grad():
             for name, b in self.model.named_buffers():
@@ -82,12 +83,13 @@ class TermThreads:
         self.groups = balance(costs, self.threads)
         return self.groups
 
-    def backward(self, y: Tensor) -> dict[str, Tensor]:
-        """Backward of every term (gradients accumulate as from the joint loss); returns the terms."""
+    def backward(self, y: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """Backward of every term (gradients accumulate as from the joint loss), each conditioned on
+        ``labels`` where the model is; returns the terms."""
         if not self.groups:
-            self.plan(y)
+            self.plan(y, labels)
             self.model.zero_grad(set_to_none=True)
-        futures = [self.pool.submit(self._term_backward, y, names) for names in self.groups]
+        futures = [self.pool.submit(self._term_backward, y, names, labels) for names in self.groups]
         terms: dict[str, Tensor] = {}
         for future in futures:
             terms.update(future.result())

@@ -25,6 +25,7 @@ from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe, load_recipe
 from flowkit.runs.bpd import bits_per_dim_to_nats, figure_key
 from flowkit.runs.checkpoint import latest_checkpoint, load_weights
+from flowkit.runs.data import Split
 from flowkit.runs.evaluate import per_image
 from flowkit.runs.images import to_levels
 from flowkit.runs.level_jobs import is_level_jobs_dir, load_levels
@@ -78,7 +79,9 @@ class TrainedRun:
 
     Attributes: ``path``, ``recipe`` (the resolved `Recipe`), ``model`` and ``dequantizer`` (on
     ``device``, in eval mode), ``n_bits``, ``shape`` ``(C, H, W)``, ``test_x`` (the test set as
-    data levels) and ``summary`` (summary.json; empty for a run that has not finished).
+    data levels, read whole), ``test_labels`` (its labels when the run read labels, else None),
+    ``test_split`` (the test set read per batch: a `flowkit.runs.data.Split`) and ``summary``
+    (summary.json; empty for a run that has not finished).
 
     The density: ``log_prob(x)`` is the dequantized bound the run reports, in nats per image,
 
@@ -125,6 +128,16 @@ class TrainedRun:
 
     @property
     def test_x(self) -> Tensor:
+        """The whole test set as one uint8 tensor of data levels (reads it; `test_split` does not)."""
+        return self.session.test_x.all()
+
+    @property
+    def test_labels(self) -> Tensor | None:
+        """The test set's labels, a LongTensor, when the run read labels (data.labels); else None."""
+        return self.session.test_x.labels_at(slice(None))
+
+    @property
+    def test_split(self) -> Split:
         return self.session.test_x
 
     def __repr__(self) -> str:
@@ -133,16 +146,20 @@ class TrainedRun:
 
     # -- density ---------------------------------------------------------------------------
     @torch.no_grad()
-    def per_image(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> dict[str, Tensor]:
+    def per_image(self, x: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None, *,
+                  seed: int | None = None) -> dict[str, Tensor]:
         """Every image's bits/dim, ``(B,)`` float64 on the CPU, by key: ``bpd`` (see the class
         docstring) and ``bpd/<term>`` (each term over its own dims, for models whose terms are
         densities of their own) or ``bpd_share/<term>`` (`flowkit.runs.evaluate.per_image`); for a
         run trained on noisy images (a ``noisy_nll`` dequantizer) the same keys say ``noisy_nll``.
-        ``seed``: of the dequantization noise; default the run's test-evaluation seed."""
+        ``labels``: class indices ``(B,)`` (K for "no class") that condition a class-conditional
+        model; an unconditional model ignores them. ``seed``: of the dequantization noise;
+        default the run's test-evaluation seed."""
         x = self._levels_in(x, self.shape, "x")
+        labels = self._labels_in(labels, len(x))
         seed = self.recipe.train.seed + 1 if seed is None else seed
         out: dict[str, list[Tensor]] = {}
-        for values in per_image(self.session, x, batch_size=self.recipe.train.eval_batch_size, seed=seed):
+        for values in per_image(self.session, x, labels, batch_size=self.recipe.train.eval_batch_size, seed=seed):
             for key, value in values.items():
                 out.setdefault(key, []).append(value.cpu())
         if not out:
@@ -153,24 +170,28 @@ class TrainedRun:
     def _figure(self) -> str:
         return figure_key(self.dequantizer.figure)
 
-    def bpd(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> Tensor:
-        """Bits/dim of each image, ``(B,)`` float64 on the CPU (see the class docstring).
-        ``seed``: of the dequantization noise; default the run's test-evaluation seed. A run
-        trained on noisy images has no bits/dim (a `FlowkitError`): see `noisy_nll`."""
+    def bpd(self, x: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None, *,
+            seed: int | None = None) -> Tensor:
+        """Bits/dim of each image, ``(B,)`` float64 on the CPU (see the class docstring), given
+        ``labels`` for a class-conditional model (`per_image`). ``seed``: of the dequantization
+        noise; default the run's test-evaluation seed. A run trained on noisy images has no
+        bits/dim (a `FlowkitError`): see `noisy_nll`."""
         if self._figure != "bpd":
             raise FlowkitError(f"this run was trained on noisy images (dequantizer {self.recipe.dequantizer.use}, "
                                "whose noise leaves each pixel's bin): its density bounds no bits/dim of the images. "
                                "run.noisy_nll(x) gives the noisy images' NLL.")
-        return self.per_image(x, seed=seed)["bpd"]
+        return self.per_image(x, labels, seed=seed)["bpd"]
 
-    def noisy_nll(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> Tensor:
+    def noisy_nll(self, x: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None, *,
+                  seed: int | None = None) -> Tensor:
         """For a run trained on noisy images (a ``noisy_nll`` dequantizer): each image's noisy-data
         NLL in bits per dimension of the noisy image, one noise draw from ``seed``, ``(B,)``
-        float64 on the CPU; the run's ``test_noisy_nll`` is its mean over the test set."""
+        float64 on the CPU, given ``labels`` for a class-conditional model; the run's
+        ``test_noisy_nll`` is its mean over the test set."""
         if self._figure != "noisy_nll":
             raise FlowkitError(f"dequantizer {self.recipe.dequantizer.use}'s noise stays in each pixel's bin: this "
                                "run's figure is bits/dim, run.bpd(x).")
-        return self.per_image(x, seed=seed)["noisy_nll"]
+        return self.per_image(x, labels, seed=seed)["noisy_nll"]
 
     def score(self, x: Tensor | np.ndarray, *, compressor: str = "png", reference: TrainedRun | None = None,
               seed: int | None = None) -> dict[str, np.ndarray]:
@@ -180,12 +201,13 @@ class TrainedRun:
         return scores(self, self._levels_in(x, self.shape, "x"), compressor=compressor, reference=reference,
                       seed=seed)
 
-    def log_prob(self, x: Tensor | np.ndarray, *, seed: int | None = None) -> Tensor:
-        """The dequantized bound on log P(x) in nats per image, ``(B,)`` float64 (class docstring);
-        for a run trained on noisy images, the log-density of one noisy draw of x (on the data-level
-        scale), which bounds nothing."""
+    def log_prob(self, x: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None, *,
+                 seed: int | None = None) -> Tensor:
+        """The dequantized bound on log P(x) in nats per image, ``(B,)`` float64 (class docstring),
+        given ``labels`` for a class-conditional model; for a run trained on noisy images, the
+        log-density of one noisy draw of x (on the data-level scale), which bounds nothing."""
         c, h, w = self.shape
-        return -bits_per_dim_to_nats(self.per_image(x, seed=seed)[self._figure], c * h * w)
+        return -bits_per_dim_to_nats(self.per_image(x, labels, seed=seed)[self._figure], c * h * w)
 
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()
@@ -257,6 +279,21 @@ class TrainedRun:
                                f"(levels 0..{2**self.n_bits - 1}); reduce images with "
                                "flowkit.runs.bpd.reduce_bits(x, n_bits) first.")
         return x
+
+    def _labels_in(self, labels: Tensor | np.ndarray | None, n: int) -> Tensor | None:
+        """``labels`` checked: integers ``(n,)`` in 0..K (K: "no class"), as a LongTensor."""
+        if labels is None:
+            return None
+        labels = torch.as_tensor(labels)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise FlowkitError(f"labels must be integer class indices, got dtype {labels.dtype}.")
+        if labels.shape != (n,):
+            raise ShapeError(f"labels must have shape ({n},), one per image, got {tuple(labels.shape)}.")
+        k = self.session.dataset.num_classes
+        if n and (int(labels.min()) < 0 or int(labels.max()) > k):
+            raise FlowkitError(f"labels must be class indices 0..{k - 1} (or {k} for no class) of this run's "
+                               f"{k} classes, got values {int(labels.min())}..{int(labels.max())}.")
+        return labels.long()
 
     def _levels_out(self, y: Tensor) -> Tensor:
         return to_levels(y, self.n_bits).to(torch.uint8)

@@ -1,8 +1,11 @@
 """The training loop: warm-up, clipping per parameter group, budgets, checkpoints, resume.
 
-Exact resume: the data order is a function of (seed, epoch), the dequantization noise comes
-from the global torch RNG whose state is checkpointed, and the learning rate is a function of
-the step, so ``--resume`` continues the same trajectory as an uninterrupted run.
+Exact resume: the data order is a function of (seed, epoch) (`flowkit.runs.data.batches`), the
+dequantization noise and the shift augmentation come from the global torch RNG whose state is
+checkpointed, label dropout from a generator seeded by (seed, step), and the learning rate is a
+function of the step, so ``--resume`` continues the same trajectory as an uninterrupted run.
+Batches are read by `flowkit.runs.data.Prefetch` (train.prefetch batches ahead, in a thread that
+only reads and copies); every random draw stays on the training thread.
 
 No host synchronisation inside a step: a step only enqueues work, and keeps its loss and
 gradient norms as device tensors. `Trainer.flush` reads the pending steps back in one batch
@@ -21,7 +24,6 @@ import math
 import resource
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +34,7 @@ from flowkit.errors import FlowkitError, TrainingError
 from flowkit.runs import distributed
 from flowkit.runs.bpd import figure_key
 from flowkit.runs.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
+from flowkit.runs.data import Prefetch, batches, drop_labels
 from flowkit.runs.evaluate import evaluate
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.session import Session
@@ -51,19 +54,6 @@ class SilentReporter:
     def step(self, step: int, metrics: dict[str, float]) -> None: ...
     def message(self, text: str) -> None: ...
     def finish(self) -> None: ...
-
-
-def batches(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[torch.Tensor]:
-    """Index batches of a fresh permutation per epoch, from step ``start_step`` on."""
-    batch_size = min(batch_size, n)
-    per_epoch = n // batch_size
-    step = start_step
-    while True:
-        epoch, index = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        for b in range(index, per_epoch):
-            yield perm[b * batch_size : (b + 1) * batch_size]
-        step = (epoch + 1) * per_epoch
 
 
 def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,
@@ -192,7 +182,7 @@ class Trainer:
         # constant offset differs from the joint loss, the gradient does not.
         return TermThreads(self.s.model, threads,
                            lambda terms: self.objective.bits_per_dim(terms, 0.0).mean() * self.micro_weight,
-                           terms=self.objective.terms)
+                           terms=lambda y, names, labels: self.objective.terms(y, names, labels))
 
     # -- budget and schedule ------------------------------------------------------------
     def lr_at(self, step: int, elapsed: float) -> float:
@@ -254,56 +244,63 @@ class Trainer:
 
     @torch.no_grad()
     def initialize(self) -> None:
-        """Data-dependent initialisation (actnorm) on a seeded random batch."""
+        """Data-dependent initialisation (actnorm) on a seeded random batch (and its labels)."""
         n = min(self.cfg.init_batch_size, len(self.s.train_x))
-        idx = torch.randperm(len(self.s.train_x), generator=torch.Generator().manual_seed(self.cfg.seed))[:n]
+        # int32: the same permutation as int64 (torch draws alike), half the memory per image.
+        idx = torch.randperm(len(self.s.train_x), generator=torch.Generator().manual_seed(self.cfg.seed),
+                             dtype=torch.int32)[:n].long()
         x = self.s.train_x[idx].to(self.s.device)
-        self.s.dequantizer.initialize(x, self.s.n_bits)
-        y, _ = self.objective.dequantize(x)
-        self.s.model.initialize(y)
+        labels = self.s.train_x.labels_at(idx)
+        self.objective.initialize(x, labels.to(self.s.device) if labels is not None else None)
         if self.s.average is not None:
             self.s.average.reset()  # the average starts at the initialised weights
 
     # -- the loop ----------------------------------------------------------------------
-    def backward(self, x: torch.Tensor, batch: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def backward(self, x: torch.Tensor, batch: int | None = None, labels: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss (mean bits/dim, detached) and terms of a batch; gradients accumulated over its
         ``train.accumulate`` micro-batches, so the step is that of the whole batch. The loss is
         the whole image's bits/dim, or train.level's term alone over its own dimensions.
+        ``labels`` (or None) are split with the images and reach the objective beside them.
 
         Under DDP ``x`` is this rank's share of a global batch of ``batch`` images; DDP averages
         the ranks' gradients when the last micro-batch's backward ends (`no_sync` before it)."""
         weighted, terms = [], {}
         micros = x.chunk(self.cfg.accumulate)
-        for i, micro in enumerate(micros):
+        micro_labels = labels.chunk(self.cfg.accumulate) if labels is not None else [None] * len(micros)
+        for i, (micro, micro_label) in enumerate(zip(micros, micro_labels, strict=True)):
             # Each micro-batch's mean weighted by its share of the batch: the batch's mean, also
             # when a dataset smaller than the batch leaves fewer or unequal micro-batches. DDP
             # divides the sum over ranks by their number, hence the world size.
             self.micro_weight = len(micro) * self.world.size / (batch or len(x))
             if self.net is not None:
                 with self.net.no_sync() if i < len(micros) - 1 else contextlib.nullcontext():  # type: ignore[operator]
-                    loss, terms = self.net(micro)
+                    loss, terms = self.net(micro, micro_label)
                     (loss * self.micro_weight).backward()
             elif self.term_threads is None:
-                loss, terms = self.objective.loss(micro, self.parts)
+                loss, terms = self.objective.loss(micro, self.parts, micro_label)
                 (loss * self.micro_weight).backward()
             else:
                 y, log_q = self.objective.dequantize(micro)
-                terms = self.term_threads.backward(y)
+                terms = self.term_threads.backward(y, micro_label)
                 loss = self.objective.bits_per_dim(terms, log_q).mean()
             weighted.append(loss.detach().float() * self.micro_weight)
         return torch.stack(weighted).sum(), terms
 
-    def train_step(self, x: torch.Tensor, batch: int | None = None
+    def train_step(self, x: torch.Tensor, batch: int | None = None, labels: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
-        """One optimiser step on the batch ``x`` (this rank's share of ``batch`` images): the batch to
-        the device in the recipe's layout, gradients of its micro-batches, clipping, the update and
-        train.ema's average. What `_steps` runs each step and what ``flowkit bench`` times; returns
-        the loss, the terms and the gradient norms before clipping, all still on the device."""
+        """One optimiser step on the batch ``x`` (this rank's share of ``batch`` images) and its
+        ``labels``: the batch to the device in the recipe's layout (already there when the prefetch
+        thread copied it), gradients of its micro-batches, clipping, the update and train.ema's
+        average. What `_steps` runs each step and what ``flowkit bench`` times; returns the loss,
+        the terms and the gradient norms before clipping, all still on the device."""
         x = x.to(self.s.device, non_blocking=True)
+        if labels is not None:
+            labels = labels.to(self.s.device, non_blocking=True)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, terms = self.backward(x, batch)
+        loss, terms = self.backward(x, batch, labels)
         norms = self.clip()
         self.optimizer.step()
         if self.s.average is not None:
@@ -392,10 +389,10 @@ class Trainer:
         cfg, s, st = self.cfg, self.s, self.state
         self.flush()
         if self.world.main:  # rank 0 alone; the others wait for it in the next step's all-reduce
-            x = s.test_x[: cfg.eval_images] if cfg.eval_images else s.test_x
+            x = s.test_x.first(cfg.eval_images)
             with self.term_threads.all_cores() if self.term_threads else contextlib.nullcontext(), \
                     s.evaluation_weights():
-                result = evaluate(s, x, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1,
+                result = evaluate(s, x, x.labels, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1,
                                   alone=self.parts[0] if self.parts else None)
             self.rundir.log({"step": st.step, "train_seconds": round(st.train_seconds, 3), "images": st.images,
                              "eval_images": len(x), **{f"test_{k}": v for k, v in result.items()}})
@@ -413,7 +410,15 @@ class Trainer:
         cfg, s, st = self.cfg, self.s, self.state
         every = cfg.eval_every_seconds
         self.next_eval_seconds = (math.floor(st.train_seconds / every) + 1) * every if every else math.inf
-        data = batches(len(s.train_x), cfg.batch_size, cfg.seed, st.step)
+        order = batches(len(s.train_x), cfg.batch_size, cfg.seed, st.step)
+        # The prefetch thread copies to the device unless the shift augmentation, which draws
+        # from the CPU's RNG and runs on the CPU, still has to move the images.
+        with Prefetch(s.train_x, order, depth=cfg.prefetch, device=s.device, to_device=not cfg.shift_augment,
+                      select=lambda indices: distributed.shard(indices, self.world)) as data:
+            self._step_loop(data)
+
+    def _step_loop(self, data: Prefetch) -> None:
+        cfg, s, st = self.cfg, self.s, self.state
         self.pending, self.log_window, self.stop_agreed = [], 0.0, False
         self.last_flush, self.flushed_seconds = time.perf_counter(), st.train_seconds
         while not self.done() and not self.stopping():
@@ -425,11 +430,14 @@ class Trainer:
                 # Its own dequantization noise, a function of the step alone, so a resumed run
                 # draws what an uninterrupted one drew; rank 0's stream is the one checkpoints carry.
                 torch.manual_seed(distributed.rank_seed(cfg.seed, self.world.rank, st.step))
-            indices = next(data)  # the global batch: the same on every rank
-            x = s.train_x[distributed.shard(indices, self.world)]
+            indices, batch = next(data)  # the global batch's indices, the same on every rank; this rank's share
+            x, labels = batch.images, batch.labels
             if cfg.shift_augment:
                 x = random_shift(x, cfg.shift_augment)
-            loss, terms, norms = self.train_step(x, len(indices))
+            if labels is not None and cfg.label_dropout:  # drawn for the global batch, cut to this rank's share
+                labels = drop_labels(labels, cfg.label_dropout, s.num_classes, cfg.seed, st.step,
+                                     (distributed.shard_start(len(indices), self.world), len(indices)))
+            loss, terms, norms = self.train_step(x, len(indices), labels)
             values = torch.stack([loss.detach().float()] + [n.detach().float() for n in norms])
             st.step += 1
             st.images += len(indices)

@@ -232,7 +232,9 @@ def _check_superresolution(model: Any, y: Tensor, atol: float, rtol: float, was_
 
 def check_dataset(dataset: ImageDataset, params: Any = None) -> None:
     """A dataset: uint8 ``(N, C, H, W)`` train and test arrays of one image shape, values within
-    ``max_value``, C in 1, 3, 4; with ``params`` (its `DataParams`), the limits are honoured."""
+    ``max_value``, C in 1, 3, 4; labels, where it has them, int64 ``(N,)`` in ``0 .. K - 1`` for its
+    K named classes; with ``params`` (its `DataParams`), the limits are honoured. Reads every
+    image: for the small datasets a contract test builds, not a memory-mapped store at full size."""
     assert isinstance(dataset, ImageDataset), f"the factory returned a {type(dataset).__name__}, not an ImageDataset"
     assert isinstance(dataset.name, str) and dataset.name, "the dataset has no name"
     assert 1 <= dataset.max_value <= 255, f"max_value = {dataset.max_value} is outside 1..255"
@@ -249,3 +251,13 @@ def check_dataset(dataset: ImageDataset, params: Any = None) -> None:
         assert not limit or len(images) <= limit, f"{split} has {len(images)} images, above limit_{split} = {limit}"
     assert dataset.train.shape[1:] == dataset.test.shape[1:], "train and test images differ in shape"
     assert dataset.shape == tuple(int(s) for s in dataset.train.shape[1:]), f"shape is {dataset.shape}"
+    if dataset.train_labels is None:
+        assert dataset.test_labels is None and not dataset.classes, "classes or test labels without train labels"
+        return
+    k = dataset.num_classes
+    assert k >= 1 and all(isinstance(c, str) and c for c in dataset.classes), f"classes are {dataset.classes!r}"
+    for split in ("train", "test"):
+        labels = getattr(dataset, f"{split}_labels")
+        assert labels is not None and labels.dtype == np.int64, f"{split} labels are not int64"
+        assert labels.shape == (len(getattr(dataset, split)),), f"{split} labels have shape {labels.shape}"
+        assert labels.min() >= 0 and labels.max() < k, f"{split} labels range over {labels.min()}..{labels.max()}, K = {k}"

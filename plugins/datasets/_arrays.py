@@ -1,4 +1,4 @@
-"""Helpers shared by the built-in datasets: validation, limits and the NCHW layout.
+"""Helpers shared by the built-in datasets: validation, labels, limits and the NCHW layout.
 
 Private to ``flowkit_plugins.datasets``. A ``where`` argument names the array in error
 messages, for example ``'Key "x_train" of /data/digits.npz'``.
@@ -50,10 +50,29 @@ def check_images(images: np.ndarray, *, where: str) -> None:
 
 
 def to_nchw(images: np.ndarray) -> np.ndarray:
-    """A checked ``(N, H, W)`` or ``(N, H, W, C)`` array as C-contiguous ``(N, C, H, W)``."""
+    """A checked ``(N, H, W)`` or ``(N, H, W, C)`` array as ``(N, C, H, W)``: a view, not a copy (the
+    runs read it per batch and make each batch contiguous, `flowkit.runs.data.Split`), so a
+    dataset is never held twice."""
     if images.ndim == 3:
         return images[:, None]
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    return images.transpose(0, 3, 1, 2)
+
+
+def check_labels(labels: np.ndarray, *, where: str, count: int) -> np.ndarray:
+    """``labels`` as int64 ``(count,)`` class indices >= 0; `DataError` naming ``where`` otherwise."""
+    if labels.ndim != 1 or len(labels) != count:
+        raise DataError(f"{where} has shape {labels.shape}, but labels must be one per image: ({count},).")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where} has dtype {labels.dtype}, but labels must be integer class indices 0..K-1.")
+    if count and int(labels.min()) < 0:
+        raise DataError(f"{where} holds the label {int(labels.min())}, but labels must be class indices 0..K-1.")
+    return labels.astype(np.int64)
+
+
+def index_classes(*labels: np.ndarray) -> tuple[str, ...]:
+    """Class names ``("0", ..., "K-1")`` for integer labels without names, K = the largest label + 1."""
+    top = max((int(y.max()) for y in labels if len(y)), default=-1)
+    return tuple(str(k) for k in range(top + 1))
 
 
 def first(items: Items, limit: int) -> Items:

@@ -276,7 +276,8 @@ class WaveletFlow(DensityModel, IndependentTerms, SuperResolution, LatentLevels)
         return v, low, (h * w) / (ch * cw)
 
     def log_prob_parts(self, y: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
-        return self.log_prob_terms(y, list(self.flows), context)
+        names = list(self.flows)
+        return self.log_prob_terms(y, names) if context is None else self.log_prob_terms(y, names, context)
 
     def log_prob_terms(self, y: Tensor, names: Sequence[str], context: Tensor | None = None) -> dict[str, Tensor]:
         unknown = [name for name in names if name not in self.flows]

@@ -302,3 +302,17 @@ def test_check_dataset_catches_values_above_max_value():
     check_dataset(ImageDataset("digits", images, images, max_value=16))
     with pytest.raises(AssertionError, match="above max_value"):
         check_dataset(ImageDataset("digits", images + 1, images, max_value=16))
+
+
+def test_a_dataset_refuses_labels_outside_its_classes_or_of_one_split_only():
+    images = np.zeros((2, 1, 2, 2), dtype=np.uint8)
+    labels = np.array([0, 1], dtype=np.int64)
+    ImageDataset("ok", images, images, train_labels=labels, test_labels=labels, classes=("a", "b"))
+    with pytest.raises(ValueError, match=r"train labels range over 0..2, outside the 2 classes"):
+        ImageDataset("bad", images, images, train_labels=labels + np.array([0, 1]), test_labels=labels,
+                     classes=("a", "b"))
+    with pytest.raises(ValueError, match="labels for one split only"):
+        ImageDataset("bad", images, images, train_labels=labels, classes=("a", "b"))
+    with pytest.raises(ValueError, match="must be int64"):
+        ImageDataset("bad", images, images, train_labels=labels.astype(np.uint8), test_labels=labels,
+                     classes=("a", "b"))

@@ -201,6 +201,8 @@ def _dataset(plugins, kind: str, name: str, tmp_path: Path) -> None:
         params["path"] = str(_png_folder(tmp_path))
     elif name == "cifar10":
         params["path"] = str(_cifar_folder(tmp_path))
+    elif name == "store":
+        params["path"] = str(_store(tmp_path))
     elif not part_is_builtin(plugins, kind, name):
         pytest.skip(f"dataset:{name} is a third-party dataset whose files this test cannot provide")
     dataset = flowkit.build(kind, name, plugins=plugins, **params)
@@ -237,6 +239,17 @@ def _cifar_folder(root: Path) -> Path:
         with (folder / name).open("wb") as handle:
             pickle.dump(batch, handle, protocol=4)
     return folder
+
+
+def _store(root: Path) -> Path:
+    """A labelled store prepared from a tiny npz, as `flowkit data prepare --labels` makes it."""
+    from flowkit_plugins.datasets._prepare import Options, open_source, prepare
+
+    rng = np.random.default_rng(3)
+    np.savez(root / "labelled.npz", x_train=rng.integers(0, 256, (5, 6, 6, 3), dtype=np.uint8), y_train=[0, 1, 2, 1, 0],
+             x_test=rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8), y_test=[2, 2, 1, 0])
+    prepare(open_source(root / "labelled.npz", "auto", Options(labels=True, chunk_images=2)), root / "store")
+    return root / "store"
 
 
 CHECKS = {

@@ -82,7 +82,7 @@ def test_engine_bpd_of_a_constant_image_under_a_normal_density() -> None:
     # The same noise by hand: y = (128 + u) / 256, D = 4, n_bits = 8.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
-        y, _ = session.dequantizer(session.test_x, 8)
+        y, _ = session.dequantizer(session.test_x.all(), 8)
     nll = (0.5 * y.double() ** 2 + 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
     expected = ((nll + 4 * 8 * math.log(2)) / (4 * math.log(2))).mean().item()
     assert got["bpd"] == pytest.approx(expected, abs=1e-6)  # the model runs in float32

@@ -320,3 +320,53 @@ def test_torchrun_with_two_ranks_writes_one_run_directory_that_one_process_resum
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 4 and "world_size" not in summary
     assert metric_steps(run) == [1, 2, 3, 4]
+
+
+# -- labels beside the images under DDP --------------------------------------------------------
+LABELLED = ["train.device=cpu", "train.threads=1", "train.steps=2", "train.batch_size=8", "train.accumulate=2",
+            "train.log_every=1", "data.labels=true", "train.label_dropout=0.5"]
+
+
+def labels_seen(out: Path | None) -> list[list[int]]:
+    """The labels `Objective.condition` receives while training (gradients on), one list per call."""
+    seen: list[list[int]] = []
+
+    def condition(self: Objective, labels: torch.Tensor | None) -> None:
+        if torch.is_grad_enabled() and labels is not None:
+            seen.append(labels.tolist())
+
+    Objective.condition = condition  # this process only (or undone by the caller)
+    plugins = make_plugins()
+    recipe = load_recipe(GLOW, plugins.registries, preset="smoke", overrides=LABELLED)
+    rundir = RunDir.create(recipe.meta.name, out=out) if out is not None else None
+    Trainer(build_session(recipe, plugins), rundir).train()
+    if rundir is not None:
+        rundir.release()
+    return seen
+
+
+def labels_worker(rank: int, world_size: int, port: int, out: Path) -> None:
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        seen = labels_seen(out / "run" if rank == 0 else None)
+    finally:
+        distributed.shutdown()
+    torch.save(seen, out / f"labels{rank}.pt")
+
+
+def test_labels_and_their_dropout_reach_each_ranks_micro_batches_as_in_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mp.spawn(labels_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"labels{r}.pt") for r in range(2)]
+    monkeypatch.setattr(Objective, "condition", Objective.condition)  # labels_seen replaces it: put it back after
+    single = labels_seen(tmp_path / "single")
+    # One process: per step two micro-batches of 4. Two ranks: per step two micro-batches of 2 each,
+    # rank 0 the first half of the global batch, rank 1 the second; label dropout drawn for the whole batch.
+    assert [len(s) for s in single] == [4] * 4 and [len(s) for r in ranks for s in r] == [2] * 8
+    for step in range(2):
+        whole = single[2 * step] + single[2 * step + 1]
+        shared = ranks[0][2 * step] + ranks[0][2 * step + 1] + ranks[1][2 * step] + ranks[1][2 * step + 1]
+        assert shared == whole, step
+    assert any(10 in s for s in single), "label dropout replaced some labels by K = 10"

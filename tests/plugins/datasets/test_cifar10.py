@@ -185,4 +185,4 @@ def test_newer_numpy_pickle_protocols_are_read(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, size=(2, 3, 32, 32), dtype=np.uint8)
     with path.open("wb") as handle:
         pickle.dump({"data": images.reshape(2, 3072), "labels": [0, 1]}, handle, protocol=5)
-    np.testing.assert_array_equal(read_batch(path), images)
+    np.testing.assert_array_equal(read_batch(path).images, images)

@@ -98,11 +98,11 @@ def test_missing_split_folder_is_named(tmp_path: Path) -> None:
     assert "has no test/ subfolder" in _error(tmp_path, tmp_path)
 
 
-def test_split_without_pngs_is_named(tmp_path: Path) -> None:
+def test_split_without_images_is_named(tmp_path: Path) -> None:
     _write(tmp_path / "train", {"0.png": _rng_images(1, (3, 3), 8)[0]})
     (tmp_path / "test").mkdir()
-    (tmp_path / "test" / "a.jpg").write_bytes(b"")
-    assert "holds no PNG files" in _error(tmp_path, tmp_path / "test")
+    (tmp_path / "test" / "a.txt").write_bytes(b"")
+    assert "holds no image files" in _error(tmp_path, tmp_path / "test")
 
 
 def test_mixed_sizes_name_the_first_offending_file(tmp_path: Path) -> None:
