@@ -59,6 +59,8 @@ def test_the_python_api_refuses_bits_per_dim_and_gives_the_noisy_nll(noisy_run: 
     assert abs(nll.mean().item() - summary["test_noisy_nll"]) < 1e-9
     images, overflowed = run.sample(3, 1.0, denoise=True)
     assert images.shape == (3, 1, 28, 28)
+    with pytest.raises(flowkit.FlowkitError, match="trained on noisy images.*no bits/dim to score"):
+        run.score(run.test_x[:4])
 
 
 def test_flowkit_sample_denoises(noisy_run: Path) -> None:
