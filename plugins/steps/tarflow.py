@@ -14,6 +14,9 @@ from flowkit.nn.transformer import KVCache
 
 Shape = tuple[int, ...]
 Order = Literal["identity", "flip"]
+#: The Jacobi iterate's clamp (TarFlowStep's docstring): far beyond any token a flow of images
+#: decodes to, far below where float32's LayerNorm overflows.
+JACOBI_BOUND = 1e4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +58,10 @@ class TarFlowStep(Transform):
     - ``"jacobi"``: ``x ← z e^{a(x)} + b(x)`` for all tokens at once, from ``x = z``, until no
       entry moves by more than ``tol`` or after ``max_iter`` iterations (0: T; the iterate is exact
       after T - 1, since token t is exact after t iterations). ``last_iterations`` says how many ran.
+      Each iterate is clamped to ``±JACOBI_BOUND``: tokens not yet converged are garbage, and on a
+      trained model their ``e^{a}`` overflows; one inf becomes NaN in its token's LayerNorm and
+      attention's ``0 · NaN`` then spreads it to every token, converged ones included. Clamping
+      leaves the fixed point alone wherever the exact inverse lies within the bound.
 
     Guidance: the net is called as any net is (`flowkit.nn.guidance.GuidedNet` wraps it in a
     class-conditional build), cached calls included, so each token's ``(a, b)`` is mixed
@@ -143,7 +150,7 @@ class TarFlowStep(Transform):
         self.last_iterations = 0
         for _ in range(iterations):
             a, b = self._affine(self.net(x.reshape(z.shape).to(z.dtype), ctx).to(dtype))
-            moved = zs * torch.exp(a) + b
+            moved = (zs * torch.exp(a) + b).clamp(-JACOBI_BOUND, JACOBI_BOUND)  # NaN stays NaN: a real fault
             change = float((moved - x).detach().abs().max())
             x = moved
             self.last_iterations += 1

@@ -3,6 +3,7 @@ cache, Jacobi), its log-det, its causality, guidance of its cached calls, and wh
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,30 @@ def test_the_jacobi_iteration_reaches_the_sequential_result_within_its_tolerance
     with use_inverse_solver(InverseSolver("jacobi", tol=0.0, max_iter=2), s):
         s.inverse(z)
     assert s.last_iterations == 2
+
+
+class _PoisoningNet(torch.nn.Module):
+    """a_{t+1} = 100 sum_{s<=t} x_s, b = 0, through a lower-triangular matmul: like attention, a
+    non-finite later token reaches earlier ones as 0 * inf = NaN."""
+
+    def forward(self, x, context=None):
+        tokens = x.flatten(2)  # (B, 1, T)
+        mixed = tokens @ torch.tril(torch.ones(tokens.shape[2], tokens.shape[2], dtype=x.dtype)).T
+        return torch.cat([100 * mixed, torch.zeros_like(mixed)], dim=1).reshape(x.shape[0], 2, *x.shape[2:])
+
+
+def test_a_jacobi_iterate_that_overflows_does_not_poison_the_converged_tokens(plugins):
+    s = step(plugins, shape=(1, 1, 3)).float()
+    s.net = _PoisoningNet()
+    # Exact: x0 = -1, x1 = 3 e^-100 ~ 0, x2 = e^(100 (x0 + x1)) ~ 0; the first iterate from x = z has
+    # x2 = e^(100 (z0 + z1)) = e^200 = inf in float32.
+    z = torch.tensor([[[[-1.0, 3.0, 1.0]]]])
+    x1 = 3 * math.exp(-100)
+    exact = torch.tensor([[[[-1.0, x1, math.exp(100 * (-1 + x1))]]]])
+    with use_inverse_solver(InverseSolver("jacobi", tol=0.0), s):
+        approx, logabsdet = s.inverse(z)
+    torch.testing.assert_close(approx, exact)
+    torch.testing.assert_close(logabsdet, torch.tensor([-200.0]))  # a1 + a2 = -100 + 100 (x0 + x1)
 
 
 def test_guidance_mixes_the_nets_cached_calls_too(plugins):
