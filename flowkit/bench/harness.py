@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from flowkit.bench.timing import Contender
 from flowkit.contracts.model import Reference
+from flowkit.contracts.transform import InverseSolver, sequential_inverses, use_inverse_solver
 from flowkit.errors import FlowkitError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe, load_recipe
@@ -151,12 +152,21 @@ def flowkit_contender(prep: Prepared) -> Contender:
     def train_loss(x: Tensor) -> Tensor:  # what `Trainer.backward` differentiates, micro-batch by micro-batch
         return trainer.objective.loss(x.chunk(trainer.cfg.accumulate)[0], trainer.parts)[0]
 
-    def sample(n: int) -> Tensor:
-        return s.model.sample(n, temperature=1.0)
+    def sampler(solver: InverseSolver) -> Callable[[int], Tensor]:
+        def sample(n: int) -> Tensor:
+            with use_inverse_solver(solver, s.model):
+                return s.model.sample(n, temperature=1.0)
+        return sample
 
-    return Contender("flowkit", train_step, log_likelihood, sample, [s.model, s.dequantizer], trainer.optimizer,
+    # A model whose steps invert position by position (TarFlow) samples two ways: both are timed.
+    settings = prep.recipe.sample
+    sequential = bool(sequential_inverses(s.model))
+    jacobi = InverseSolver("jacobi", settings.jacobi_tol, settings.jacobi_max_iter)
+    return Contender("flowkit", train_step, log_likelihood, sampler(InverseSolver("sequential")),
+                     [s.model, s.dequantizer], trainer.optimizer,
                      dtype=precision(prep.recipe.train.amp, s.device), compile=prep.recipe.train.compile,
-                     train_loss=train_loss)
+                     train_loss=train_loss, sampler="sequential" if sequential else "",
+                     other_samplers={f"jacobi (tol {jacobi.tol:g})": sampler(jacobi)} if sequential else {})
 
 
 def reference_contender(name: str, reference: Reference, recipe: Recipe, device: torch.device) -> Contender:

@@ -56,9 +56,13 @@ def bench_table(result: BenchResult) -> Table:
     row("train images/s, median", attr("train_images_per_s_median", _number), "train_images_per_s_median")
     row("ms/step, best", attr("ms_per_step", _number), "ms_per_step")
     row("eval images/s (log-likelihood, no grad)", attr("eval_images_per_s", _number), "eval_images_per_s")
-    row("sampling images/s (T = 1" + (f"; {figures[1].name}: inverse from its prior)" if compared else ")"),
+    row("sampling images/s (T = 1" + (f", {first.sampler} inverse" if first.sampler else "")
+        + (f"; {figures[1].name}: inverse from its prior)" if compared else ")"),
         attr("sample_images_per_s", _number),
         "sample_images_per_s")
+    for name in first.other_sample_seconds:  # TarFlow's Jacobi sampler beside its sequential one
+        row(f"sampling images/s (T = 1, {name} inverse)",
+            lambda f, name=name: _number(f.other_sample_images_per_s(name)))
     if first.device.startswith("cuda"):
         row("peak CUDA memory of a step (max_memory_allocated, less the other's resident)",
             attr("peak_memory_bytes", _mib), "peak_memory_bytes")

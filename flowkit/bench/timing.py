@@ -1,7 +1,8 @@
 """Timing and memory of training steps, evaluation and sampling, implementations side by side.
 
 Each implementation is a `Contender`: three callables (a training step on a batch, a
-log-likelihood of a batch without gradients, a batch of samples) and its modules. `measure`
+log-likelihood of a batch without gradients, a batch of samples; a model with more than one way
+to sample, TarFlow's sequential and Jacobi inverses, adds the others by name) and its modules. `measure`
 runs them in alternating rounds in one process (A, B, A, B, ...), because these machines are
 noisy: a median can move 40% between runs, and only figures taken side by side compare. On
 CUDA the timed regions are synchronised at their ends only; nothing inside a round waits.
@@ -36,7 +37,9 @@ from torch import Tensor, nn
 @dataclass
 class Contender:
     """One implementation under test. ``train_loss``: the loss a training step differentiates, of
-    a batch's first micro-batch, with autograd on (None: no saved-for-backward figure)."""
+    a batch's first micro-batch, with autograd on (None: no saved-for-backward figure).
+    ``sampler``: what ``sample`` does, in words (``sequential``: TarFlow's exact inverse);
+    ``other_samplers``: more ways to sample, timed beside it (``jacobi``), by name."""
 
     name: str
     train_step: Callable[[Tensor], None]
@@ -47,6 +50,8 @@ class Contender:
     dtype: str = "float32"
     compile: str = "off"
     train_loss: Callable[[Tensor], Tensor] | None = None
+    sampler: str = ""
+    other_samplers: dict[str, Callable[[int], Tensor]] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
@@ -78,6 +83,8 @@ class Figures:
     train_seconds: list[float] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
     sample_seconds: list[float] = field(default_factory=list)
+    sampler: str = ""  # what sample_seconds time, in words ("" : the model's one way)
+    other_sample_seconds: dict[str, list[float]] = field(default_factory=dict)  # by sampler name
     peak_memory_bytes: int | None = None  # CUDA only
     saved_bytes: int | None = None
     device: str = "cpu"
@@ -108,12 +115,17 @@ class Figures:
     def sample_images_per_s(self) -> float | None:
         return self._rate(self.sample_seconds, self.sample_batches, min)
 
+    def other_sample_images_per_s(self, name: str) -> float | None:
+        return self._rate(self.other_sample_seconds.get(name, []), self.sample_batches, min)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "params": self.params, "batch": self.batch, "steps_per_round": self.steps,
             "train_images_per_s": self.train_images_per_s, "train_images_per_s_median": self.train_images_per_s_median,
             "ms_per_step": self.ms_per_step, "eval_images_per_s": self.eval_images_per_s,
-            "sample_images_per_s": self.sample_images_per_s, "peak_memory_bytes": self.peak_memory_bytes,
+            "sample_images_per_s": self.sample_images_per_s, "sampler": self.sampler,
+            **{f"sample_images_per_s_{name}": self.other_sample_images_per_s(name) for name in self.other_sample_seconds},
+            "peak_memory_bytes": self.peak_memory_bytes,
             "saved_for_backward_bytes": self.saved_bytes, "device": self.device, "dtype": self.dtype,
             "compile": self.compile, "threads": self.threads, "train_round_seconds": self.train_seconds,
             "eval_round_seconds": self.eval_seconds, "sample_round_seconds": self.sample_seconds,
@@ -200,7 +212,8 @@ def measure(contenders: Sequence[Contender], batches: Sequence[Tensor], *, round
     batch = len(batches[0])
     turn = _Turns(batches)
     figures = {c.name: Figures(c.name, c.params, batch, steps, sample_batches, device=str(device), dtype=c.dtype,
-                               compile=c.compile, threads=torch.get_num_threads()) for c in contenders}
+                               compile=c.compile, threads=torch.get_num_threads(), sampler=c.sampler,
+                               other_sample_seconds={name: [] for name in c.other_samplers}) for c in contenders}
     for c in contenders:
         c.train_mode(True)
         for _ in range(warmup):
@@ -219,6 +232,8 @@ def measure(contenders: Sequence[Contender], batches: Sequence[Tensor], *, round
         for c in contenders:  # warm-up
             c.log_likelihood(turn.next())
             c.sample(batch)
+            for other in c.other_samplers.values():
+                other(batch)
         for _ in range(rounds):
             for c in contenders:
                 figures[c.name].eval_seconds.append(
@@ -226,6 +241,9 @@ def measure(contenders: Sequence[Contender], batches: Sequence[Tensor], *, round
             for c in contenders:
                 figures[c.name].sample_seconds.append(
                     _timed(device, lambda c=c: [c.sample(batch) for _ in range(sample_batches)]))
+                for name, other in c.other_samplers.items():
+                    figures[c.name].other_sample_seconds[name].append(
+                        _timed(device, lambda other=other: [other(batch) for _ in range(sample_batches)]))
     return [figures[c.name] for c in contenders]
 
 

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from flowkit.cli.console import console
 from flowkit.cli.public import get_plugins, progress_enabled
-from flowkit.runs.report import part_rows
+from flowkit.runs.bpd import FIGURE_KEYS
+from flowkit.runs.report import part_rows, summary_figure
 
 
 class RichReporter:
@@ -42,7 +43,8 @@ class RichReporter:
             console.print(f"Training for {budget} (from step {done_steps}).")
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
-        info = f"step {step}  bpd {metrics['bpd']:.3f}  {metrics['images_per_s']:.0f} img/s"
+        name = next(k for k in FIGURE_KEYS.values() if k in metrics)  # bpd, or noisy_nll for noisy images
+        info = f"step {step}  {name} {metrics[name]:.3f}  {metrics['images_per_s']:.0f} img/s"
         if self.progress is not None:
             completed = min(metrics["train_seconds"], self.total_seconds) if self.by_time else step
             self.progress.update(self.task, completed=completed, info=info)
@@ -67,13 +69,14 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    table.add_row("test bits/dim", fmt(summary["test_bpd"]))
+    key, words = summary_figure(summary)
+    table.add_row(f"test {words}", fmt(summary[f"test_{key}"]))
     if "test_bpd_iw" in summary:
         table.add_row(f"test bits/dim, importance-weighted ({summary['iw_samples']} samples, "
                       f"{summary['iw_images']} images)", fmt(summary["test_bpd_iw"]))
     if "weights" in summary:
         table.add_row("evaluated weights", summary["weights"])
-    table.add_row("train bits/dim", fmt(summary["train_bpd"]))
+    table.add_row(f"train {words}", fmt(summary[f"train_{key}"]))
     for label, value in part_rows(summary):
         table.add_row(f"  {label}", fmt(value))
     table.add_row("parameters", f"{summary['params']:,}")

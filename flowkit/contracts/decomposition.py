@@ -13,20 +13,25 @@ Shape = tuple[int, ...]
 class Decomposition(nn.Module):
     """``split(x) -> (low, detail, logabsdet)``; ``merge(low, detail) -> (x, logabsdet)``.
 
-    For an input ``(B, C, H, W)``: ``low`` is ``(B, C, H/2, W/2)`` and ``detail`` is
-    ``(B, 3C, H/2, W/2)`` with channel ``3*c + k`` holding PyWavelets' k-th detail band
-    ``(cH, cV, cD)`` of input channel ``c`` (squeeze documents its own layout).
+    A decomposition works on blocks of ``f x f`` pixels, ``f = factor`` (2 for the wavelets and
+    squeeze; patchify's patch side p). For an input ``(B, C, H, W)``: ``low`` is
+    ``(B, C, H/f, W/f)`` and ``detail`` is ``(B, (f² - 1)C, H/f, W/f)``; for a wavelet (f = 2)
+    channel ``3*c + k`` of ``detail`` holds PyWavelets' k-th detail band ``(cH, cV, cD)`` of
+    input channel ``c`` (squeeze and patchify document their own layouts).
     ``logabsdet`` (shape ``(B,)``) is log|det| of the split map; an orthonormal
     decomposition returns zeros, and tests prove it, rather than assuming it.
 
-    ``to_channels(x) -> (s, logabsdet)`` reads the decomposition as space-to-depth,
-    ``(B, C, H, W) -> (B, 4C, H/2, W/2)``, and ``from_channels`` inverts it. The default is
+    ``to_channels(x) -> (s, logabsdet)`` reads the decomposition as space-to-depth by f,
+    ``(B, C, H, W) -> (B, f²C, H/f, W/f)``, and ``from_channels`` inverts it. The default is
     ``cat([low, detail])``; a decomposition with a layout of its own (Glow's squeeze,
-    channel ``4c + 2i + j``) overrides both.
+    channel ``4c + 2i + j``; patchify, ``c p² + i p + j``) overrides both.
     """
 
     #: True when the transform is orthonormal (log|det| = 0, norms preserved).
     orthonormal: bool = False
+    #: The side f of the pixel blocks `to_channels` turns into channels. The walker's squeezes
+    #: (`flowkit.models.layout`) and `DecompositionLayer` read the shapes from it.
+    factor: int = 2
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
@@ -35,7 +40,7 @@ class Decomposition(nn.Module):
         raise NotImplementedError
 
     def output_shape(self, in_shape: Shape) -> tuple[Shape, Shape]:
-        """``((C, H/2, W/2), (3C, H/2, W/2))`` for ``in_shape = (C, H, W)``."""
+        """``((C, H/f, W/f), ((f² - 1)C, H/f, W/f))`` for ``in_shape = (C, H, W)``, f = `factor`."""
         raise NotImplementedError
 
     def to_channels(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -43,7 +48,7 @@ class Decomposition(nn.Module):
         return torch.cat([low, detail], dim=1), logabsdet
 
     def from_channels(self, s: Tensor) -> tuple[Tensor, Tensor]:
-        channels = s.shape[1] // 4
+        channels = s.shape[1] // self.factor**2
         return self.merge(s[:, :channels], s[:, channels:])
 
 

@@ -20,9 +20,9 @@ from flowkit.models.layout import (
 )
 from flowkit.models.conditional import ClassConditioned
 from flowkit.models.model import LayoutModel, OneLatentLevel
-from flowkit.models.preprocess import Centre, Logit
+from flowkit.models.preprocess import Centre, Logit, Rescale
 
 __all__ = [
-    "Centre", "Chain", "ClassConditioned", "Entry", "FactorOut", "LayoutFlow", "LayoutModel", "Logit", "OneLatentLevel", "Split",
+    "Centre", "Chain", "ClassConditioned", "Entry", "FactorOut", "LayoutFlow", "LayoutModel", "Logit", "OneLatentLevel", "Rescale", "Split",
     "Squeeze", "SqueezeLayer", "Step", "Unsqueeze", "rename_state_dict_keys",
 ]

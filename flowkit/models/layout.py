@@ -6,8 +6,9 @@ A model says *what* it stacks as a **layout**, a list of entries:
   at the shape the layout has there, with the flow's context shape), a `Chain` of parts (run
   as one `Sequential`, whose log-det is summed before it joins the others), or a transform
   already built (the preprocessing of `flowkit.models.preprocess`).
-- `Squeeze` ``(decomposition)``: space to depth, ``(C, H, W) -> (4C, H/2, W/2)``, by a
-  registered decomposition (Glow's squeeze, or haar); `Unsqueeze` is its inverse.
+- `Squeeze` ``(decomposition)``: space to depth, ``(C, H, W) -> (f²C, H/f, W/f)``, by a
+  registered decomposition of factor f (Glow's squeeze or haar: 2; patchify: its patch side,
+  which turns the image into a grid of patch tokens); `Unsqueeze` is its inverse.
 - `Split` ``(prior, term, factor)``: factor out the last ``C // factor`` channels ``z``; the
   rest goes on. ``log p(z | h)`` comes from ``prior``, given the kept channels ``h`` when the
   prior takes a context, and counts in the term ``term`` of ``log_prob_parts``.
@@ -133,9 +134,10 @@ class SqueezeLayer(DecompositionLayer):
     def __init__(self, decomposition: Decomposition, in_shape: Shape, *, context_shape: tuple[int, ...] | None,
                  unsqueeze: bool = False) -> None:
         channels, height, width = in_shape
-        if unsqueeze and channels % 4:
-            raise ShapeError(f"An unsqueeze needs a number of channels divisible by 4, got in_shape {in_shape}.")
-        super().__init__(decomposition, (channels // 4, 2 * height, 2 * width) if unsqueeze else in_shape)
+        f = int(decomposition.factor)
+        if unsqueeze and channels % (f * f):
+            raise ShapeError(f"An unsqueeze by {f} needs a number of channels divisible by {f * f}, got in_shape {in_shape}.")
+        super().__init__(decomposition, (channels // (f * f), f * height, f * width) if unsqueeze else in_shape)
         if unsqueeze:
             if self.out_shape != tuple(in_shape):
                 raise ShapeError(f"This decomposition cannot undo a squeeze into {in_shape}: it squeezes "
@@ -257,10 +259,13 @@ class LayoutFlow(nn.Module):
                 chain.append(self._make(entry.part, shape, build))
             elif isinstance(entry, (Squeeze, Unsqueeze)):
                 channels, height, width = shape
-                if isinstance(entry, Squeeze) and (height % 2 or width % 2):
+                decomposition = build(entry.decomposition)
+                f = int(decomposition.factor)
+                if isinstance(entry, Squeeze) and (height % f or width % f):
+                    need = "even" if f == 2 else f"multiples of {f}"
                     raise ShapeError(f"{self.name}: layout entry {index} squeezes a ({channels}, {height}, {width}) "
-                                     "input; height and width must be even.")
-                layer = SqueezeLayer(build(entry.decomposition), shape, context_shape=self.context_shape,
+                                     f"input by {f}; height and width must be {need}.")
+                layer = SqueezeLayer(decomposition, shape, context_shape=self.context_shape,
                                      unsqueeze=isinstance(entry, Unsqueeze))
                 self._paths.append(f"layers.{len(self.layers)}.transforms.{len(chain)}")
                 chain.append(layer)

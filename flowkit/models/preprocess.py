@@ -1,8 +1,8 @@
 """Fixed maps from images in ``[0, 1)`` to the space a flow's first step sees.
 
 They are the first `flowkit.models.layout.Step` of a layout, so the walker inverts them and counts
-their log-determinant like any other step: Glow's centring (a shift) and the logit of RealNVP
-and Flow++.
+their log-determinant like any other step: Glow's centring (a shift), the logit of RealNVP
+and Flow++, and the ``[-1, 1)`` scale of TarFlow and Jet (`Rescale`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,36 @@ class Centre(Transform):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check_context(z, context)
         return z + self.shift, zeros_logabsdet(z)
+
+
+class Rescale(Transform):
+    r"""``x = a y + b`` with fixed ``a != 0`` and ``b``: :math:`\log|\det| = D \log|a|`.
+
+    ``a = 2, b = -1`` maps images in ``[0, 1)`` to ``[-1, 1)``, the scale TarFlow and Jet train
+    on (apple/ml-tarflow ``train.py``: ``x * 2 - 1`` after uniform noise; big_vision's
+    ``value_range(-1, 1)``), so their nets see inputs of the reference's size.
+    """
+
+    def __init__(self, scale: float, shift: float = 0.0, context_shape: Shape | None = None) -> None:
+        super().__init__()
+        if scale == 0 or not math.isfinite(scale) or not math.isfinite(shift):
+            raise ValueError(f"scale = {scale} must be finite and non-zero, shift = {shift} finite.")
+        self.scale, self.shift = float(scale), float(shift)
+        self.context_shape = context_shape
+
+    def _logabsdet(self, x: Tensor) -> Tensor:
+        return zeros_logabsdet(x) + x[0].numel() * math.log(abs(self.scale))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_context(x, context)
+        return x * self.scale + self.shift, self._logabsdet(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_context(z, context)
+        return (z - self.shift) / self.scale, -self._logabsdet(z)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, shift={self.shift}"
 
 
 class Logit(Transform):

@@ -61,15 +61,20 @@ class Guidance:
 
 class GuidedNet(nn.Module):
     """A net whose output is mixed across the halves of a guided batch (`Guidance.mix`); the
-    net itself, unchanged, is ``self.net`` (its parameters live there)."""
+    net itself, unchanged, is ``self.net`` (its parameters live there).
+
+    Keyword arguments reach the net unchanged, so a net's other calls are guided too: TarFlow's
+    sequential inverse calls its causal transformer one position at a time with a key/value
+    cache (``net(x_t, context, cache=cache)``), and each of those outputs is mixed like a whole
+    pass's. The cache then holds the keys of both halves, each computed from the mixture."""
 
     def __init__(self, net: nn.Module, guidance: Guidance) -> None:
         super().__init__()
         self.net = net
         self.guidance = guidance
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        out = self.net(x, context)
+    def forward(self, x: Tensor, context: Tensor | None = None, **kwargs: object) -> Tensor:
+        out = self.net(x, context, **kwargs)
         return out if self.guidance.weight is None else self.guidance.mix(out)
 
     def initialize(self, x: Tensor, context: Tensor | None = None) -> None:

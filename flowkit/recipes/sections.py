@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from flowkit.contracts.transform import InverseSolver
 from flowkit.params import param
 
 SCHEMA_VERSION = 1
@@ -147,12 +148,28 @@ class SampleParams:
     guidance: tuple[float, ...] = param(
         (), "a class-conditional run (data.labels) also draws its class rows with classifier-free guidance at each "
         "weight w (h = h_c + w (h_c - h_u) on every net's output; a guided sample has no exact density)")
+    solver: Literal["sequential", "jacobi"] = param(
+        "sequential", "how steps whose inverse runs position by position (TarFlow's) invert when sampling: sequential "
+        "(exact; one net call per token, with a key/value cache) or jacobi (every token at once, iterated until no "
+        "value moves by more than jacobi_tol); models that invert in closed form ignore it")
+    jacobi_tol: float = param(1e-4, "solver = jacobi: stop when no value of a step's iterate moves by more than this")
+    jacobi_max_iter: int = param(0, "solver = jacobi: at most this many iterations per step (0: as many as tokens, "
+                                    "after which the iterate is exact)")
+    denoise: bool = param(
+        False, "also write denoised grids: one step y + sigma^2 grad log p(y) (TarFlow's score-based denoising; "
+        "needs a dequantizer with Gaussian noise, whose std is sigma)")
 
     def __post_init__(self) -> None:
         if self.n < 1 or any(t < 0 for t in self.temperatures):
             raise ValueError("n must be at least 1 and temperatures >= 0.")
         if not all(math.isfinite(w) for w in self.guidance):
             raise ValueError(f"guidance = {list(self.guidance)}: every weight must be a finite number.")
+        if not self.jacobi_tol >= 0 or self.jacobi_max_iter < 0:
+            raise ValueError("jacobi_tol and jacobi_max_iter must be >= 0.")
+
+    def inverse_solver(self) -> InverseSolver:
+        """The solver of sequential inverses these settings ask for."""
+        return InverseSolver(self.solver, self.jacobi_tol, self.jacobi_max_iter)
 
 
 @dataclass(frozen=True, kw_only=True)

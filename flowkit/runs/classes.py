@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowkit.contracts.transform import InverseSolver
 from flowkit.models.conditional import ClassConditioned
 from flowkit.runs.data import Split, read_batch
 from flowkit.runs.evaluate import eval_mode
@@ -134,11 +135,14 @@ def class_labels(num_classes: int, per_class: int) -> Tensor:
 def class_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple[float, ...] | list[float],
                 seed: int, guidance: tuple[float, ...] | list[float] = (), prefix: str = "samples",
                 metrics: MetricsSink | None = None, step: int = 0, labels: int | None | str = "rows",
+                solver: InverseSolver | None = None, seconds: dict[str, float] | None = None,
                 ) -> tuple[list[Path], dict[str, int]]:
     """A conditional run's grids per temperature: with ``labels = "rows"``, one row per class
     (``n // K`` images each, at least one) and the unconditional model's ``n`` images
     (``<prefix>-noclass``); with a class index, ``n`` images of that class; with None, only "no
-    class". Each weight of ``guidance`` adds the same rows guided (``<prefix>-guided<w>``)."""
+    class". Each weight of ``guidance`` adds the same rows guided (``<prefix>-guided<w>``).
+    ``solver`` as `flowkit.runs.sampling.sample_grids`; ``seconds`` gets the draw times of the "no
+    class" grid (``n`` images, as an unconditional run's grid) or, without one, of the first grid."""
     conditioning = conditioning_of(session)
     k = conditioning.num_classes
     if labels == "rows":
@@ -150,14 +154,16 @@ def class_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple[
     paths: list[Path] = []
     overflowed: dict[str, int] = {}
 
+    timed = "noclass" if labels == "rows" or labels is None else ""
+
     def grids(name: str, draw_labels: Tensor | int | None, weight: float | None, images: int,
               columns: int | None) -> None:
+        kind = name.removeprefix(prefix).lstrip("-")
         made, over = sample_grids(
             session, out_dir, n=images, temperatures=temperatures, seed=seed, prefix=name, metrics=metrics,
-            step=step, ncol=columns,
+            step=step, ncol=columns, solver=solver, seconds=seconds if kind == timed else None,
             draw=lambda t: conditioning.sample(images, t, draw_labels, weight))
-        paths.extend(made)
-        kind = name.removeprefix(prefix).lstrip("-")  # "", "noclass", "guided2": the keys read as the files do
+        paths.extend(made)  # overflow keys read as the files do: T1, noclass-T1, guided2-T1
         overflowed.update({f"{kind}-{key}" if kind else key: v for key, v in over.items()})
 
     if rows is not None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from flowkit.contracts.model import IndependentTerms
-from flowkit.runs.bpd import nats_to_bits_per_dim
+from flowkit.runs.bpd import figure_key, nats_to_bits_per_dim
 from flowkit.runs.data import Split, read_batch
 from flowkit.runs.session import Session
 
@@ -50,9 +50,13 @@ def per_image(session: Session, x_all: Images, labels: Labels = None, *, batch_s
     term's own dimensions when the terms are densities of their own (`IndependentTerms`), else
     ``bpd_share/<term>``, the term's share of the whole image's bits/dim (-term / (D log 2), no
     offset; the shares add up to ``bpd - n_bits`` with uniform dequantization). With ``alone``,
-    only that term is computed and ``bpd`` is its bits/dim over its own dimensions.
+    only that term is computed and ``bpd`` is its bits/dim over its own dimensions. With a
+    dequantizer whose noise leaves the bin the same figures are the noisy images' NLL, and every
+    key says so: ``noisy_nll``, ``noisy_nll/<term>``, ``noisy_nll_share/<term>``
+    (`flowkit.runs.bpd.figure_key`).
     """
     objective = session.objective
+    key = figure_key(session.dequantizer.figure)
     independent = isinstance(session.model, IndependentTerms)
     names = [alone] if alone is not None else None
     with eval_mode(session, seed):
@@ -60,12 +64,12 @@ def per_image(session: Session, x_all: Images, labels: Labels = None, *, batch_s
             x, batch_labels = _batch(session, x_all, labels, start, batch_size)
             y, log_q = objective.dequantize(x)
             terms = {k: v.double() for k, v in objective.terms(y, names, batch_labels).items()}
-            values = {"bpd": objective.bits_per_dim(terms, torch.as_tensor(log_q).double(), alone)}
+            values = {key: objective.bits_per_dim(terms, torch.as_tensor(log_q).double(), alone)}
             for name, term in terms.items():
                 if independent:
-                    values[f"bpd/{name}"] = objective.bits_per_dim(terms, 0.0, name)
+                    values[f"{key}/{name}"] = objective.bits_per_dim(terms, 0.0, name)
                 else:
-                    values[f"bpd_share/{name}"] = objective.share_bits_per_dim(term)
+                    values[f"{key}_share/{name}"] = objective.share_bits_per_dim(term)
             yield values
 
 
@@ -79,13 +83,14 @@ def _batch(session: Session, x_all: Images, labels: Labels, start: int, batch_si
 
 def evaluate(session: Session, x_all: Images, labels: Labels = None, *, batch_size: int, seed: int,
              alone: str | None = None) -> dict[str, float]:
-    """Mean bits/dim over ``x_all`` (every image, every pixel) of each key of `per_image`."""
+    """Mean bits/dim over ``x_all`` (every image, every pixel) of each key of `per_image` (the noisy
+    images' NLL for a ``noisy_nll`` dequantizer)."""
     sums: dict[str, float] = {}
     n = 0
     for values in per_image(session, x_all, labels, batch_size=batch_size, seed=seed, alone=alone):
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value.sum().item()
-        n += len(values["bpd"])
+        n += len(next(iter(values.values())))
     out = {key: value / n for key, value in sums.items()}
     if not all(math.isfinite(v) for v in out.values()):
         out["nonfinite"] = ",".join(k for k, v in out.items() if not math.isfinite(v))  # the caller decides

@@ -9,14 +9,16 @@ trained it. A summary's keys, and which density its bits/dim are of, are stated 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from flowkit.contracts.model import LatentVariable
+from flowkit.contracts.transform import sequential_inverses
 from flowkit.runs import distributed
+from flowkit.runs.bpd import figure_key
 from flowkit.runs.classes import class_figures, class_grids
 from flowkit.runs.evaluate import evaluate, evaluate_iw
 from flowkit.runs.inspect import count_parameters
@@ -32,6 +34,9 @@ DENSITY_ALONE = ("term {term} alone, a density of its own: -log p(term) + D_t lo
 DENSITY_CONDITIONAL = ("class-conditional dequantized bound: -log p(y | c) + D log 2^n_bits + log q(u|x) of each test image "
                        "under its own class c, over all C*H*W dims (test_bpd_marginal: the same with "
                        "p(y) = sum_c p(y | c) p(c), p(c) the training-set class frequencies)")
+DENSITY_NOISY = ("noisy-data NLL, not a bound on the images' bits/dim: -log p(y) + D log 2^n_bits for noisy images "
+                 "y = (x + 1/2) / 2^n_bits + noise that leaves the bin (the dequantizer's), in bits per dim of the "
+                 "noisy image 2^n_bits y, over all C*H*W dims")
 DENSITY_ELBO = ("evidence lower bound (ELBO) of a latent-variable model, one draw z ~ q(z|y) per image: "
                 "-log p(y|z) + KL(q(z|y) || p(z)) + D log 2^n_bits + log q(u|x), over all C*H*W dims")
 TRAIN_EVAL_IMAGES = 10_000  # train bpd is measured on this many training images, like the test set
@@ -40,17 +45,17 @@ TRAIN_EVAL_IMAGES = 10_000  # train bpd is measured on this many training images
 @dataclass
 class Evaluated:
     """A trained model's figures: bits/dim on the test set and on the first training images (the
-    `flowkit.runs.evaluate.evaluate` dictionaries), its sample grids and the importance-weighted
-    estimate (empty unless eval.iw_samples); a class-conditional run's marginal bits/dim and Bayes
-    accuracy (`flowkit.runs.classes.class_figures`, empty otherwise)."""
+    `flowkit.runs.evaluate.evaluate` dictionaries), its sample grids and ``extra``: the summary keys
+    of sampling (``sample_images_per_s`` of the grids' draws; ``sample_solver`` for a sequential
+    inverse), of the importance-weighted estimate (unless eval.iw_samples = 0) and of a
+    class-conditional run's marginal bits/dim and Bayes classifier (`flowkit.runs.classes`)."""
 
     test: dict[str, float]
     train: dict[str, float]
     train_images: int
     samples: list[Path]
     overflowed: dict[str, int]
-    iw: dict[str, Any]
-    classes: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any]
 
 
 def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *, alone: str | None = None,
@@ -64,8 +69,8 @@ def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *,
     train_x = session.train_x.first(TRAIN_EVAL_IMAGES)
     samples: list[Path] = []
     overflowed: dict[str, int] = {}
-    iw: dict[str, Any] = {}
-    classes: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
     conditional = session.conditioning is not None
     with session.evaluation_weights():
         test = evaluate(session, session.test_x, session.test_x.labels, batch_size=cfg.eval_batch_size,
@@ -73,16 +78,30 @@ def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *,
         train = evaluate(session, train_x, train_x.labels, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2,
                          alone=alone)
         if alone is None and conditional:
-            reporter.message("Marginal bits/dim and the Bayes classifier (one evaluation per class)...")
-            classes = class_figures(session, seed=cfg.seed + 1)  # the test figure's noise: the same y
+            if session.dequantizer.figure == "bits_per_dim":
+                reporter.message("Marginal bits/dim and the Bayes classifier (one evaluation per class)...")
+                extra.update(class_figures(session, seed=cfg.seed + 1))  # the test figure's noise: the same y
+            else:  # a noisy-data NLL has no marginal bits/dim to report
+                reporter.message("No marginal bits/dim or Bayes accuracy: the run reports a noisy-data NLL.")
         if alone is None:
             grids = class_grids if conditional else sample_grids
-            extra = {"guidance": recipe.sample.guidance} if conditional else {}
+            by_class = {"guidance": recipe.sample.guidance} if conditional else {}
             samples, overflowed = grids(session, rundir.samples, n=recipe.sample.n,
                                         temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
-                                        metrics=rundir.metrics if log_samples else None, step=step, **extra)
-            iw = importance_weighted(session, reporter)
-    return Evaluated(test, train, len(train_x), samples, overflowed, iw, classes)
+                                        metrics=rundir.metrics if log_samples else None, step=step,
+                                        seconds=seconds, **by_class)
+            if seconds:  # the grids' draws: sampling images/s of every model, one number (ablation reports)
+                extra["sample_images_per_s"] = recipe.sample.n * len(seconds) / max(sum(seconds.values()), 1e-9)
+                if sequential_inverses(session.model):  # TarFlow: which inverse drew them
+                    extra["sample_solver"] = recipe.sample.solver
+            if recipe.sample.denoise and not conditional:  # the same draws, denoised: grids that pair up
+                more, counts = sample_grids(session, rundir.samples, n=recipe.sample.n,
+                                            temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
+                                            metrics=rundir.metrics if log_samples else None, step=step, denoised=True)
+                samples += more
+                overflowed.update({f"denoised-{k}": v for k, v in counts.items()})
+            extra.update(importance_weighted(session, reporter))
+    return Evaluated(test, train, len(train_x), samples, overflowed, extra)
 
 
 def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: dict[str, Any], *,
@@ -92,7 +111,11 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
     adds), which density the figures are of, and the figures of ``evaluated``."""
     recipe, cfg = session.recipe, session.recipe.train
     test, train = evaluated.test, evaluated.train
-    if alone is not None:
+    figure = session.dequantizer.figure
+    key = figure_key(figure)  # "bpd", or "noisy_nll" where the noise leaves the bin: never called bits/dim
+    if figure == "noisy_nll":
+        density = DENSITY_NOISY
+    elif alone is not None:
         density = DENSITY_ALONE.format(term=alone)
     elif session.conditioning is not None:
         density = DENSITY_CONDITIONAL
@@ -106,13 +129,14 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
         "image_shape": list(session.dataset.shape),
         "n_bits": session.n_bits,
         "density": density,
-        "test_bpd": test["bpd"],
-        "train_bpd": train["bpd"],
+        "figure": figure,
+        f"test_{key}": test[key],
+        f"train_{key}": train[key],
         # Terms that are densities of their own (Wavelet Flow's levels): bits/dim over their own dims.
-        "test_bpd_per_part": _by_prefix(test, "bpd/"),
-        "train_bpd_per_part": _by_prefix(train, "bpd/"),
+        f"test_{key}_per_part": _by_prefix(test, f"{key}/"),
+        f"train_{key}_per_part": _by_prefix(train, f"{key}/"),
         # Terms that are not (Glow's levels): each one's share of the whole image's bits/dim.
-        "test_bpd_share_per_part": _by_prefix(test, "bpd_share/"),
+        f"test_{key}_share_per_part": _by_prefix(test, f"{key}_share/"),
         "test_images": len(session.test_x),
         "train_eval_images": evaluated.train_images,
         "params": count_parameters(session.model, session.dequantizer),
@@ -122,8 +146,7 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
         "samples": [str(p.relative_to(rundir.path)) for p in evaluated.samples],
         "level": cfg.level,
         "weights": f"exponential moving average, decay {cfg.ema}" if cfg.ema else "trained (no averaging)",
-        **evaluated.iw,
-        **evaluated.classes,
+        **evaluated.extra,
     }
     if evaluated.samples:
         summary["samples_overflowed"] = evaluated.overflowed  # images per grid whose inverse overflowed

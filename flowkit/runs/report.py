@@ -22,22 +22,32 @@ from typing import Any
 import numpy as np
 
 from flowkit.errors import FlowkitError
+from flowkit.runs.bpd import FIGURE_KEYS, FIGURE_NAMES
 from flowkit.runs.images import grid
 from flowkit.runs.rundir import RunDir
 
 NO_MATPLOTLIB = ("No plots: matplotlib is not installed (`pip install matplotlib`, or "
                  "`pip install 'flowkit[ablate]'`); `flowkit report RUN_DIR` draws them once it is.")
-_TABLE_KEYS = ("test_bpd", "test_bpd_marginal", "bayes_accuracy", "class_images", "test_bpd_iw", "iw_samples",
-               "iw_images", "train_bpd", "params", "steps",
-               "train_images_per_s", "peak_memory_bytes", "wall_s", "device", "weights")
+_TABLE_KEYS = ("test_bpd", "test_noisy_nll", "test_bpd_marginal", "test_bpd_conditional", "bayes_accuracy",
+               "class_images", "test_bpd_iw", "iw_samples", "iw_images", "train_bpd", "train_noisy_nll",
+               "params", "steps", "train_images_per_s", "peak_memory_bytes", "wall_s", "device", "weights")
+
+
+def summary_figure(summary: dict[str, Any]) -> tuple[str, str]:
+    """The key of a summary's figure and its name in words: ``("bpd", "bits/dim")``, or
+    ``("noisy_nll", "noisy-data NLL")`` for a run trained on noisy images
+    (`flowkit.runs.bpd.FIGURE_KEYS`; summaries before the key existed are bits/dim)."""
+    figure = summary.get("figure", "bits_per_dim")
+    return FIGURE_KEYS[figure], FIGURE_NAMES[figure]
 
 
 def part_rows(summary: dict[str, Any]) -> list[tuple[str, float]]:
     """Per-term figures labelled for what they are (the report and the final table)."""
-    rows = [(f"test bits/dim of {part} (over its own dims)", v) for part, v in summary["test_bpd_per_part"].items()]
-    shares = summary["test_bpd_share_per_part"]
+    key, words = summary_figure(summary)
+    rows = [(f"test {words} of {part} (over its own dims)", v) for part, v in summary[f"test_{key}_per_part"].items()]
+    shares = summary[f"test_{key}_share_per_part"]
     if len(shares) > 1:
-        rows += [(f"share of test bits/dim from {part} (-log p term / (D log 2))", v) for part, v in shares.items()]
+        rows += [(f"share of test {words} from {part} (-log p term / (D log 2))", v) for part, v in shares.items()]
     return rows
 
 
@@ -107,9 +117,11 @@ def draw_plots(rundir: RunDir, summary: dict[str, Any]) -> list[tuple[Path, str]
     for stale in folder.glob("*.png"):
         stale.unlink()
     records = read_metrics(rundir.metrics_path)
+    key, words = summary_figure(summary)
     made = [
-        (bpd_curve(folder / "bpd.png", records), "bits/dim by step"),
-        (per_level_curves(folder / "per_level_bpd.png", records), "test bits/dim of each level over its own dims"),
+        (bpd_curve(folder / f"{key}.png", records, key, words), f"{words} by step"),
+        (per_level_curves(folder / f"per_level_{key}.png", records, key, words),
+         f"test {words} of each level over its own dims"),
         (sample_panels(folder / "samples.png", rundir, summary), "sample grids"),
     ]
     return [(path, caption) for path, caption in made if path is not None]
@@ -132,12 +144,14 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def bpd_curve(path: Path, records: list[dict[str, Any]]) -> Path | None:
+def bpd_curve(path: Path, records: list[dict[str, Any]], key: str = "bpd", words: str = "bits/dim") -> Path | None:
     """Training bits/dim (the mean over each train.log_every steps), the periodic test
-    evaluations (train.eval_every, on train.eval_images) and the final one (the whole test set)."""
-    train = [(r["step"], r["train_bpd"]) for r in records if _number(r.get("train_bpd"))]
-    periodic = [(r["step"], r["test_bpd"]) for r in records if _number(r.get("test_bpd")) and not r.get("final")]
-    final = [(r["step"], r["test_bpd"]) for r in records if _number(r.get("test_bpd")) and r.get("final")]
+    evaluations (train.eval_every, on train.eval_images) and the final one (the whole test set);
+    with ``key = "noisy_nll"`` the noisy images' NLL, so labelled."""
+    train_key, test_key = f"train_{key}", f"test_{key}"
+    train = [(r["step"], r[train_key]) for r in records if _number(r.get(train_key))]
+    periodic = [(r["step"], r[test_key]) for r in records if _number(r.get(test_key)) and not r.get("final")]
+    final = [(r["step"], r[test_key]) for r in records if _number(r.get(test_key)) and r.get("final")]
     if not (train or periodic or final):
         return None
     fig = _figure(7, 4.5)
@@ -149,20 +163,22 @@ def bpd_curve(path: Path, records: list[dict[str, Any]]) -> Path | None:
     if final:
         ax.plot(*zip(*final, strict=True), linestyle="none", marker="*", markersize=12, label="test (final, all images)")
     ax.set_xlabel("step")
-    ax.set_ylabel("bits/dim")
-    ax.set_title("Bits/dim during training")
+    ax.set_ylabel(words)
+    ax.set_title(f"{words[0].upper()}{words[1:]} during training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def per_level_curves(path: Path, records: list[dict[str, Any]]) -> Path | None:
+def per_level_curves(path: Path, records: list[dict[str, Any]], key: str = "bpd",
+                     words: str = "bits/dim") -> Path | None:
     """One curve per term that is a density of its own (``test_bpd/<term>`` records)."""
     curves: dict[str, list[tuple[int, float]]] = {}
+    prefix = f"test_{key}/"
     for r in records:
-        for key, value in r.items():
-            if key.startswith("test_bpd/") and _number(value):
-                curves.setdefault(key.removeprefix("test_bpd/"), []).append((r["step"], value))
+        for name, value in r.items():
+            if name.startswith(prefix) and _number(value):
+                curves.setdefault(name.removeprefix(prefix), []).append((r["step"], value))
     if not curves:
         return None
     fig = _figure(7, 4.5)
@@ -170,8 +186,8 @@ def per_level_curves(path: Path, records: list[dict[str, Any]]) -> Path | None:
     for term, points in curves.items():
         ax.plot(*zip(*points, strict=True), marker="o", label=term)
     ax.set_xlabel("step")
-    ax.set_ylabel("test bits/dim over the level's own dims")
-    ax.set_title("Per-level test bits/dim")
+    ax.set_ylabel(f"test {words} over the level's own dims")
+    ax.set_title(f"Per-level test {words}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -187,7 +203,7 @@ def sample_panels(path: Path, rundir: RunDir, summary: dict[str, Any]) -> Path |
         if npy.is_file():
             images = np.load(npy)
             label = npy.stem.partition("-")[2]  # samples-T0.7 -> T0.7; samples-noclass-T0.7 -> noclass-T0.7
-            kind, _, temperature = label.rpartition("-")
+            kind, _, temperature = label.rpartition("-")  # "", "noclass", "guided2", "denoised"
             count = f", {overflowed[label]} of {len(images)} overflowed" if label in overflowed else ""
             # A class-conditional run's class grids (all but "noclass") have one row per class.
             classes = len(summary.get("classes", ())) if kind != "noclass" else 0

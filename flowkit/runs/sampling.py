@@ -1,8 +1,11 @@
 """Drawing images from a trained model: `seeded_draw` is the one sequence every sampler uses (a
-seeded draw, overflowed images saturated and counted), `sample_grids` writes the grids of a run."""
+seeded draw, overflowed images saturated and counted), `sample_grids` writes the grids of a run,
+`denoise` is the score-based denoising step of a model trained on noisy images, and
+`solving` the solver of sequential inverses (TarFlow's) a draw runs with."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowkit.contracts.transform import InverseSolver, use_inverse_solver
+from flowkit.errors import FlowkitError
 from flowkit.runs.images import grid, save_png, to_uint8
 from flowkit.runs.metrics import MetricsSink
 from flowkit.runs.rundir import grid_name
@@ -53,23 +58,66 @@ def seeded_draw(session: Session, draw: Callable[[], Tensor], seed: int) -> tupl
         return saturate(draw())
 
 
+def denoise(session: Session, y: Tensor, context: Tensor | None = None) -> Tensor:
+    r"""One step of score-based denoising, ``y + σ² ∇_y \log p(y)``, with σ the standard
+    deviation of the run's Gaussian noise (``dequantizer.noise_std``).
+
+    A model trained on ``y = x + σ ε`` is a density of noisy images, and its samples are noisy;
+    by Tweedie's formula ``E[x | y] = y + σ² ∇_y \log p(y)`` (Efron 2011), so one gradient step
+    of the model's own log-density gives the posterior mean of the clean image: TarFlow's
+    post-training denoising (apple/ml-tarflow ``sample.ipynb``: ``x - lr ∇ loss`` with
+    ``lr = B D σ²`` on its per-dimension mean loss, the same step). ``context``: the model's
+    context (a class one-hot), if it takes one. A `FlowkitError` for a run whose noise is not
+    Gaussian (uniform noise: nothing to remove)."""
+    sigma = session.dequantizer.noise_std
+    if sigma is None:
+        raise FlowkitError(f'denoising needs a model trained with Gaussian noise (dequantizer.use = "gaussian"); this '
+                           f'run\'s dequantizer "{session.recipe.dequantizer.use}" declares no noise_std.')
+    with torch.enable_grad():
+        v = y.detach().requires_grad_(True)
+        log_p = session.model.log_prob(v) if context is None else session.model.log_prob(v, context)
+        (score,) = torch.autograd.grad(log_p.sum(), v)
+    return (y + sigma**2 * score).detach()
+
+
+@contextmanager
+def solving(session: Session, solver: InverseSolver | None) -> Iterator[None]:
+    """While inside, the model's sequential inverses (TarFlow's steps) use ``solver`` (None: the
+    recipe's [sample] settings); models that invert in closed form are unaffected."""
+    with use_inverse_solver(solver or session.recipe.sample.inverse_solver(), session.model):
+        yield
+
+
 @torch.no_grad()
 def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple[float, ...] | list[float],
                  seed: int, prefix: str = "samples", metrics: MetricsSink | None = None,
-                 step: int = 0, draw: Callable[[float], Tensor] | None = None, ncol: int | None = None,
+                 step: int = 0, draw: Callable[[float], Tensor] | None = None,
+                 solver: InverseSolver | None = None, denoised: bool = False,
+                 seconds: dict[str, float] | None = None, ncol: int | None = None,
                  ) -> tuple[list[Path], dict[str, int]]:
     """One PNG grid per temperature: ``<prefix>-T<temperature>.png``; also the number of images
     per temperature whose inverse overflowed (`saturate`). With ``metrics`` (a run's sink), each
     grid is also logged as image ``<prefix>/T<temperature>`` at ``step``. ``draw(temperature)``
     replaces ``model.sample(n, temperature)`` (annealed sampling, `flowkit.runs.mcmc`; a class-
     conditional run's draws by class, `flowkit.runs.classes`); ``ncol``: images per grid row
-    (default: a square grid)."""
+    (default: a square grid).
+    ``solver``: how sequential inverses are solved (None: the recipe's). ``denoised``: every
+    draw is denoised (`denoise`) before it is saturated, into ``<prefix>-denoised-T<t>.png``;
+    the same seed draws the same images as without, so the grids pair up. ``seconds``: filled
+    with each draw's wall time by ``T<temperature>`` (the run's sampling images/s)."""
     session.model.eval()
     draw = draw or (lambda temperature: session.model.sample(n, temperature=temperature))
+    if denoised:
+        plain, prefix = draw, f"{prefix}-denoised"
+        draw = lambda temperature: denoise(session, plain(temperature))  # noqa: E731
     paths = []
     overflowed: dict[str, int] = {}
     for temperature in temperatures:
-        y, overflowed[f"T{temperature:g}"] = seeded_draw(session, lambda t=float(temperature): draw(t), seed)
+        tick = time.perf_counter()
+        with solving(session, solver):
+            y, overflowed[f"T{temperature:g}"] = seeded_draw(session, lambda t=float(temperature): draw(t), seed)
+        if seconds is not None:
+            seconds[f"T{temperature:g}"] = time.perf_counter() - tick
         scale = max(1, 128 // session.dataset.shape[1])
         images = to_uint8(y, session.n_bits)
         mosaic = grid(images, ncol)

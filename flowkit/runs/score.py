@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from flowkit.errors import FlowkitError
-from flowkit.runs.bpd import reduce_bits
+from flowkit.runs.bpd import figure_key, reduce_bits
 
 if TYPE_CHECKING:
     from flowkit.runs.trained import TrainedRun
@@ -93,6 +93,12 @@ def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
 def scores(run: TrainedRun, x: torch.Tensor, *, compressor: str = "png", reference: TrainedRun | None = None,
            seed: int | None = None) -> dict[str, np.ndarray]:
     """Every score of the module docstring for images ``x`` (uint8 data levels of the run's shape)."""
+    for r in (run, reference):
+        # Every score is a bits/dim: a run trained on noisy images has none (its NLL is of noisy images).
+        if r is not None and figure_key(r.dequantizer.figure) != "bpd":
+            raise FlowkitError(f"run {r.path} was trained on noisy images (dequantizer {r.recipe.dequantizer.use}): "
+                               "it has no bits/dim to score with; score with a run trained with uniform or "
+                               "variational dequantization.")
     out = {key: value.numpy() for key, value in run.per_image(x, seed=seed).items()}
     out["complexity"] = compressed_bits_per_dim(x, compressor)
     out["input_complexity"] = out["bpd"] - out["complexity"]

@@ -13,7 +13,7 @@ from flowkit.build import Builder
 from flowkit.contracts.dataset import ImageDataset
 from flowkit.contracts.dequantizer import Dequantizer
 from flowkit.contracts.model import DensityModel, IndependentTerms
-from flowkit.contracts.transform import use_recompute
+from flowkit.contracts.transform import sequential_inverses, use_recompute
 from flowkit.errors import FlowkitError, RecipeError, ShapeError
 from flowkit.models.conditional import ClassConditioned
 from flowkit.nn.guidance import Guidance
@@ -159,9 +159,28 @@ def check_training_fit(recipe: Recipe, model: DensityModel, dequantizer: Dequant
     by side: both need terms that are densities of their own with their own parameters
     (`IndependentTerms`) and a dequantizer without parameters (a learned one feeds every term).
     Side by side also excludes train.memory = "recompute", whose replay resets the RNG that
-    every thread draws from.
+    every thread draws from; so does a step whose inverse is solved position by position
+    (`flowkit.contracts.transform.Transform.sequential_inverse`: TarFlow's), which the
+    recomputation would run in every backward pass.
     """
     train, source = recipe.train, recipe.source
+    if dequantizer.figure != "bits_per_dim" and (train.level >= 0 or recipe.eval.iw_samples):
+        key = f"train.level = {train.level}" if train.level >= 0 else f"eval.iw_samples = {recipe.eval.iw_samples}"
+        raise RecipeError(f"{key} reports bits/dim, and dequantizer.use = \"{recipe.dequantizer.use}\" draws noise that "
+                          "leaves each pixel's bin: its figure is the noisy images' NLL, which bounds no bits/dim. "
+                          f'Use dequantizer.use = "uniform" or drop {key.split(" =")[0]}.', source)
+    if recipe.sample.denoise and dequantizer.noise_std is None:
+        raise RecipeError(f'sample.denoise = true steps by the Gaussian noise\'s sigma, and dequantizer.use = '
+                          f'"{recipe.dequantizer.use}" adds no Gaussian noise (use "gaussian", or sample.denoise = false).',
+                          source)
+    sequential = sequential_inverses(model, dequantizer) if train.memory == "recompute" else []
+    if sequential:
+        shown = ", ".join(sequential[:3]) + (f" and {len(sequential) - 3} more" if len(sequential) > 3 else "")
+        raise RecipeError(
+            f'train.memory = "recompute" rebuilds every step\'s input with the step\'s inverse in the backward pass, '
+            f"and {recipe.model.use}'s steps invert position by position (one call of their net per token, "
+            f"sequential_inverse): {shown}. That would cost T net calls per step and backward pass and amplify "
+            'round-off along the sequence. Set train.memory = "store".', source)
     learned_dequantizer = any(p.requires_grad for p in dequantizer.parameters())
     independent = isinstance(model, IndependentTerms)
     if train.level >= 0 and not independent:

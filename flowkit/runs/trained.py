@@ -20,17 +20,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowkit.contracts.transform import InverseSolver
 from flowkit.errors import FlowkitError, ShapeError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe, load_recipe
-from flowkit.runs.bpd import bits_per_dim_to_nats
+from flowkit.runs.bpd import bits_per_dim_to_nats, figure_key
 from flowkit.runs.checkpoint import latest_checkpoint, load_weights
 from flowkit.runs.data import Split
 from flowkit.runs.evaluate import per_image
 from flowkit.runs.images import to_levels
 from flowkit.runs.level_jobs import is_level_jobs_dir, load_levels
 from flowkit.runs.rundir import RunDir
-from flowkit.runs.sampling import seeded_draw, super_resolution
+from flowkit.runs.sampling import denoise as denoise_step
+from flowkit.runs.sampling import seeded_draw, solving, super_resolution
 from flowkit.runs.score import scores
 from flowkit.runs.session import Session, build_session
 
@@ -153,7 +155,8 @@ class TrainedRun:
                   seed: int | None = None) -> dict[str, Tensor]:
         """Every image's bits/dim, ``(B,)`` float64 on the CPU, by key: ``bpd`` (see the class
         docstring) and ``bpd/<term>`` (each term over its own dims, for models whose terms are
-        densities of their own) or ``bpd_share/<term>`` (`flowkit.runs.evaluate.per_image`).
+        densities of their own) or ``bpd_share/<term>`` (`flowkit.runs.evaluate.per_image`); for a
+        run trained on noisy images (a ``noisy_nll`` dequantizer) the same keys say ``noisy_nll``.
         ``labels``: class indices ``(B,)`` (K for "no class") that condition a class-conditional
         model; an unconditional model ignores them. ``seed``: of the dequantization noise;
         default the run's test-evaluation seed."""
@@ -165,14 +168,35 @@ class TrainedRun:
             for key, value in values.items():
                 out.setdefault(key, []).append(value.cpu())
         if not out:
-            return {"bpd": torch.zeros(0, dtype=torch.float64)}
+            return {self._figure: torch.zeros(0, dtype=torch.float64)}
         return {key: torch.cat(parts) for key, parts in out.items()}
+
+    @property
+    def _figure(self) -> str:
+        return figure_key(self.dequantizer.figure)
 
     def bpd(self, x: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None, *,
             seed: int | None = None) -> Tensor:
         """Bits/dim of each image, ``(B,)`` float64 on the CPU (see the class docstring), given
-        ``labels`` for a class-conditional model (`per_image`)."""
+        ``labels`` for a class-conditional model (`per_image`). ``seed``: of the dequantization
+        noise; default the run's test-evaluation seed. A run trained on noisy images has no
+        bits/dim (a `FlowkitError`): see `noisy_nll`."""
+        if self._figure != "bpd":
+            raise FlowkitError(f"this run was trained on noisy images (dequantizer {self.recipe.dequantizer.use}, "
+                               "whose noise leaves each pixel's bin): its density bounds no bits/dim of the images. "
+                               "run.noisy_nll(x) gives the noisy images' NLL.")
         return self.per_image(x, labels, seed=seed)["bpd"]
+
+    def noisy_nll(self, x: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None, *,
+                  seed: int | None = None) -> Tensor:
+        """For a run trained on noisy images (a ``noisy_nll`` dequantizer): each image's noisy-data
+        NLL in bits per dimension of the noisy image, one noise draw from ``seed``, ``(B,)``
+        float64 on the CPU, given ``labels`` for a class-conditional model; the run's
+        ``test_noisy_nll`` is its mean over the test set."""
+        if self._figure != "noisy_nll":
+            raise FlowkitError(f"dequantizer {self.recipe.dequantizer.use}'s noise stays in each pixel's bin: this "
+                               "run's figure is bits/dim, run.bpd(x).")
+        return self.per_image(x, labels, seed=seed)["noisy_nll"]
 
     def score(self, x: Tensor | np.ndarray, *, compressor: str = "png", reference: TrainedRun | None = None,
               seed: int | None = None) -> dict[str, np.ndarray]:
@@ -184,34 +208,46 @@ class TrainedRun:
 
     def log_prob(self, x: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None, *,
                  seed: int | None = None) -> Tensor:
-        """The dequantized bound on log P(x) in nats per image, ``(B,)`` float64 (class docstring)."""
+        """The dequantized bound on log P(x) in nats per image, ``(B,)`` float64 (class docstring),
+        given ``labels`` for a class-conditional model; for a run trained on noisy images, the
+        log-density of one noisy draw of x (on the data-level scale), which bounds nothing."""
         c, h, w = self.shape
-        return -bits_per_dim_to_nats(self.bpd(x, labels, seed=seed), c * h * w)
+        return -bits_per_dim_to_nats(self.per_image(x, labels, seed=seed)[self._figure], c * h * w)
 
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, *, seed: int | None = None,
-               labels: Tensor | np.ndarray | int | None = None, guidance: float | None = None) -> Samples:
+    def sample(self, n: int, temperature: float = 1.0, *, seed: int | None = None, solver: InverseSolver | None = None,
+               denoise: bool = False, labels: Tensor | np.ndarray | int | None = None,
+               guidance: float | None = None) -> Samples:
         """``n`` images at ``temperature``; ``seed`` default: the recipe's sample.seed, so that
-        ``sample(sample.n, T)`` gives the run's own grid at T. A class-conditional run draws class
-        ``labels`` (an int, or one per image; None: "no class"), with classifier-free ``guidance``
-        ``w`` when given (``h = h_c + w (h_c - h_u)``; a guided sample has no exact density)."""
+        ``sample(sample.n, T)`` gives the run's own grid at T. ``solver``: how sequential
+        inverses (TarFlow's) are solved (None: the recipe's [sample] settings); ``denoise``: one
+        score-based denoising step (`flowkit.runs.sampling.denoise`; runs trained with Gaussian noise).
+        A class-conditional run draws class ``labels`` (an int, or one per image; None: "no class"),
+        with classifier-free ``guidance`` ``w`` when given (``h = h_c + w (h_c - h_u)``; a guided
+        sample has no exact density)."""
         if n < 1:
             raise FlowkitError(f"n = {n}: ask for at least one sample.")
         seed = self.recipe.sample.seed if seed is None else seed
         conditioning = self.session.conditioning
-        if conditioning is None:
-            if labels is not None or guidance is not None:
-                raise FlowkitError(f"{self.path} is not class-conditional (data.labels = false): it samples "
-                                   "without labels or guidance.")
-            draw = lambda: self.model.sample(n, temperature=float(temperature))  # noqa: E731
-        else:
-            if labels is not None and not isinstance(labels, int):
-                labels = self._labels_in(labels, n)
-            elif isinstance(labels, int):
+        if conditioning is None and (labels is not None or guidance is not None):
+            raise FlowkitError(f"{self.path} is not class-conditional (data.labels = false): it samples "
+                               "without labels or guidance.")
+        if conditioning is not None:
+            if isinstance(labels, int):
                 self._labels_in(torch.tensor([labels]), 1)
-            draw = lambda: conditioning.sample(n, float(temperature), labels, guidance)  # noqa: E731
-        y, overflowed = seeded_draw(self.session, draw, seed)
+            elif labels is not None:
+                labels = self._labels_in(labels, n)
+
+        def draw() -> Tensor:
+            if conditioning is None:
+                y = self.model.sample(n, temperature=float(temperature))
+            else:
+                y = conditioning.sample(n, float(temperature), labels, guidance)
+            return denoise_step(self.session, y) if denoise else y
+
+        with solving(self.session, solver):
+            y, overflowed = seeded_draw(self.session, draw, seed)
         return Samples(self._levels_out(y), overflowed)
 
     @torch.no_grad()

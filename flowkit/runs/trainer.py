@@ -32,6 +32,7 @@ import torch
 
 from flowkit.errors import FlowkitError, TrainingError
 from flowkit.runs import distributed
+from flowkit.runs.bpd import figure_key
 from flowkit.runs.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from flowkit.runs.data import Prefetch, batches, drop_labels
 from flowkit.runs.evaluate import evaluate
@@ -139,6 +140,8 @@ class Trainer:
         self.reporter = reporter or SilentReporter()
         self.cfg = session.recipe.train
         self.objective = session.objective
+        # The name of the loss in logs: "bpd", or "noisy_nll" where the noise leaves the bin.
+        self.figure = figure_key(session.dequantizer.figure)
         if self.cfg.compile != "off":  # training's forward and backward; evaluation stays eager
             self.objective = self.objective.compiled(self.cfg.compile)
         self.groups, self.parts = self._select_groups()
@@ -502,11 +505,11 @@ class Trainer:
             elapsed += seconds
             self.log_window += seconds
             st.recent = (st.recent + [row[0]])[-100:]
-            self.reporter.step(p.step, {"bpd": row[0], "lr": p.lr, "images_per_s": rate,
+            self.reporter.step(p.step, {self.figure: row[0], "lr": p.lr, "images_per_s": rate,
                                         "train_seconds": base + elapsed})
             if p.step % cfg.log_every == 0:
                 if self.world.main:
-                    self.rundir.log({"step": p.step, "train_bpd": sum(st.recent[-cfg.log_every:]) / min(len(st.recent), cfg.log_every),
+                    self.rundir.log({"step": p.step, f"train_{self.figure}": sum(st.recent[-cfg.log_every:]) / min(len(st.recent), cfg.log_every),
                                      "lr": p.lr, "images_per_s": cfg.log_every * p.images / max(self.log_window, 1e-9),
                                      "train_seconds": round(base + elapsed, 3)})
                 self.log_window = 0.0

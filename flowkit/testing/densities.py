@@ -145,10 +145,16 @@ def check_dequantizer(
 ) -> None:
     """A dequantizer: ``y`` in the bin of ``x``, ``log_q`` a normalised log-density, gradients.
 
-    - ``y`` has the shape of ``x`` and a floating dtype; ``0 <= y < 1`` and
-      ``floor(y * 2^n_bits) == x`` exactly (in y's dtype); ``log_q`` is ``(B,)``, finite.
+    - ``figure`` is one of `flowkit.contracts.dequantizer.FIGURES`.
+    - ``y`` has the shape of ``x`` and a floating dtype; ``log_q`` is ``(B,)``, finite.
+    - ``figure = "bits_per_dim"``: ``0 <= y < 1`` and ``floor(y * 2^n_bits) == x`` exactly (in
+      y's dtype). ``figure = "noisy_nll"`` (noise that leaves the bin): ``log_q`` is 0, and with
+      ``samples`` the noise ``u = y K - x`` is centred in the bin on average (its mean within
+      `SIGMAS` standard errors of [0, 1]) and, where ``noise_std`` is declared, has that
+      standard deviation on y's scale.
     - Rows are independent (same seed, other rows changed); the input is unchanged.
-    - ``log_q`` is the log-density of ``u = y K - x`` on the unit cube, checked by Monte Carlo on
+    - ``figure = "bits_per_dim"``: ``log_q`` is the log-density of ``u = y K - x`` on the unit
+      cube, checked by Monte Carlo on
       ``samples`` draws for the first image: ``E_q[log q] >= 0`` (the KL divergence to the
       uniform), and importance sampling of a central box ``B`` of volume 1/2,
       ``E_q[1{u in B} / q(u)] = |B|``, within `SIGMAS` standard errors. This needs a tiny
@@ -158,6 +164,10 @@ def check_dequantizer(
     ``x`` holds integers in ``[0, 2^n_bits)``; include ``0`` and ``2^n_bits - 1`` (the top bin
     is where ``y < 1`` fails in float32). Call ``initialize(x, n_bits)`` and `randomize_` first.
     """
+    from flowkit.contracts.dequantizer import FIGURES
+
+    assert dequantizer.figure in FIGURES, f"figure = {dequantizer.figure!r} is not one of {FIGURES}"
+    noisy = dequantizer.figure == "noisy_nll"
     levels = 2**n_bits
     if x.is_floating_point():
         assert bool((x == x.round()).all()), "x must hold integer values"
@@ -170,11 +180,15 @@ def check_dequantizer(
     assert y.is_floating_point(), f"y has dtype {y.dtype}, not a floating one"
     assert log_q.shape == (x.shape[0],), f"log_q has shape {tuple(log_q.shape)}, not ({x.shape[0]},)"
     assert log_q.is_floating_point() and torch.isfinite(log_q).all(), f"log_q is not finite: {log_q}"
-    low, high = y.min().item(), y.max().item()
-    assert low >= 0 and high < 1, f"y has values in [{low!r}, {high!r}], outside [0, 1)"
-    bins = torch.floor(y.detach() * levels)
-    wrong = (bins != x.to(y.dtype)).sum().item()
-    assert wrong == 0, f"{wrong} values of y fall outside the bin of x: floor(y * {levels}) != x"
+    if noisy:
+        assert torch.isfinite(y).all(), "y is not finite"
+        assert bool((log_q == 0).all()), f"a noisy_nll dequantizer's log_q must be 0 (no bound), got {log_q.tolist()}"
+    else:
+        low, high = y.min().item(), y.max().item()
+        assert low >= 0 and high < 1, f"y has values in [{low!r}, {high!r}], outside [0, 1)"
+        bins = torch.floor(y.detach() * levels)
+        wrong = (bins != x.to(y.dtype)).sum().item()
+        assert wrong == 0, f"{wrong} values of y fall outside the bin of x: floor(y * {levels}) != x"
 
     def seeded(v: Tensor) -> tuple[Tensor, Tensor]:
         with torch.random.fork_rng():
@@ -201,7 +215,9 @@ def check_dequantizer(
         y, log_q = dequantizer(x, n_bits)
         check_gradients(dequantizer, (log_q + y.flatten(1).sum(1)).mean())
 
-    if samples:
+    if samples and noisy:
+        _check_noise(dequantizer, x, n_bits, samples, seed)
+    elif samples:
         dims = x[0].numel()
         if dims > 16:
             raise ValueError(f"the Monte Carlo check of log_q needs an image of at most 16 values, got {dims}; "
@@ -230,6 +246,26 @@ def check_dequantizer(
         assert abs(estimate - volume) <= SIGMAS * se + 1e-12, (
             f"importance sampling gives {estimate:.4g} for the volume {volume:.4g} of a box in the unit "
             f"cube (standard error {se:.2g}): exp(log_q) is not the density of the noise it draws")
+
+
+def _check_noise(dequantizer: Dequantizer, x: Tensor, n_bits: int, samples: int, seed: int) -> None:
+    """Noise that leaves the bin: centred in the bin on average, and of its declared spread."""
+    levels = 2**n_bits
+    one = x[:1].expand(samples, *x.shape[1:]).contiguous()
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        y, _ = dequantizer(one, n_bits)
+    u = (y.double() * levels - one.double()).flatten(1)
+    mean, se = u.mean(0), u.std(0) / math.sqrt(samples)
+    off = torch.clamp(-mean, min=0) + torch.clamp(mean - 1, min=0)
+    assert bool((off <= SIGMAS * se + 1e-12).all()), (
+        f"the noise u = y K - x is not centred in the bin on average: its mean is {mean.tolist()}")
+    if dequantizer.noise_std is not None:
+        spread = y.double().flatten(1).std(0)
+        # The standard deviation of a sample of N normals has a standard error of about sigma / sqrt(2N).
+        err = (spread / dequantizer.noise_std - 1).abs().max().item()
+        assert err <= SIGMAS / math.sqrt(2 * samples), (
+            f"y's spread differs from the declared noise_std = {dequantizer.noise_std} by a factor {1 + err:.4f}")
 
 
 # -- models ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from flowkit import PartRef, hookimpl, param, part_field
 from flowkit.nn.coupling import MaskedCoupling
 from flowkit.nn.masks import FACTOR_DOC, MaskKind, Shape, check_factor, check_parity
 
-ScaleFn = Literal["sigmoid", "exp_tanh", "scaled_tanh"]
+ScaleFn = Literal["sigmoid", "exp_tanh", "scaled_tanh", "two_sigmoid"]
 Order = Literal["shift_first", "scale_first"]
 
 
@@ -25,7 +25,8 @@ class AffineParams:
     factor: int = param(0, FACTOR_DOC)
     scale_fn: ScaleFn = param(
         "sigmoid", "sigmoid: Glow's sigmoid(s + 2); exp_tanh: exp(clamp * tanh(s / clamp)), RealNVP-style; "
-        "scaled_tanh: exp(a * tanh(s)) with a learned factor a, RealNVP's own"
+        "scaled_tanh: exp(a * tanh(s)) with a learned factor a, RealNVP's own; two_sigmoid: 2 sigmoid(s), Jet's "
+        "(scale_factor = 2), the identity at s = 0"
     )
     clamp: float = param(2.0, "bound on |log scale| for scale_fn = exp_tanh")
     scale_init: float = param(
@@ -59,7 +60,9 @@ class AffineCoupling(MaskedCoupling):
     ``"scaled_tanh"`` gives RealNVP's ``scale = exp(a tanh(s))`` with one learned factor ``a``
     per coupling, starting at ``scale_init`` (tensorflow/models research/real_nvp: the
     ``rescaling_scale`` of its checkerboard couplings starts at 0, the ``scale`` of its channel
-    couplings at 1).
+    couplings at 1); ``"two_sigmoid"`` gives Jet's ``scale = 2 sigmoid(s)`` (big_vision
+    ``models/proj/jet/jet.py``, ``Coupling``: ``(x2 + bias) * sigmoid(raw_scale) * scale_factor``
+    with ``scale_factor = 2``), in (0, 2) and 1 at initialisation.
 
     .. math:: \log|\det \partial z / \partial x| = \sum_{i \in t} \log \text{scale}_i
 
@@ -97,6 +100,8 @@ class AffineCoupling(MaskedCoupling):
             return shift, F.logsigmoid(raw + 2.0)
         if self.scale_fn == "scaled_tanh":
             return shift, self.scale_factor.to(raw.dtype) * torch.tanh(raw)
+        if self.scale_fn == "two_sigmoid":
+            return shift, F.logsigmoid(raw) + math.log(2.0)
         return shift, self.clamp * torch.tanh(raw / self.clamp)
 
     def _transform(self, x_trans: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:

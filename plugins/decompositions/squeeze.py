@@ -14,6 +14,7 @@ from flowkit.contracts.decomposition import Decomposition, Shape
 from flowkit.contracts.transform import zeros_logabsdet
 from flowkit.registry import RegisterFn
 from flowkit_plugins.decompositions._dwt import check_bands_shape, check_image_shape
+from flowkit_plugins.decompositions._space_to_depth import depth_to_space, space_to_depth
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,31 +86,20 @@ class SqueezeDecomposition(Decomposition):
         """``(B, C, H, W) -> (B, 4C, H/2, W/2)`` with ``s[:, 4c + 2i + j, h, w] = x[:, c, 2h + i, 2w + j]``
         (``order = "glow"``), ``s[:, (2i + j) C + c, h, w]`` (``"space_to_depth"``) or
         ``s[:, k C + c, h, w]`` with :math:`k` the place of :math:`(i, j)` in RealNVP's order (``"realnvp"``)."""
-        s = self._glow_squeeze(x)
-        if self.order != "glow":
+        check_image_shape(type(self).__name__, tuple(x.shape), batched=True)
+        s = space_to_depth(x, 2, pixel_first=self.order != "glow")
+        if self.order == "realnvp":
             batch, channels4, half_h, half_w = s.shape
-            s = s.reshape(batch, channels4 // 4, 4, half_h, half_w)
-            if self.order == "realnvp":
-                s = s[:, :, REALNVP_BLOCKS]
-            s = s.transpose(1, 2).reshape(batch, channels4, half_h, half_w)
+            s = s.reshape(batch, 4, channels4 // 4, half_h, half_w)[:, REALNVP_BLOCKS].reshape(s.shape)
         return s
 
     def unsqueeze(self, s: Tensor) -> Tensor:
         """``(B, 4C, h, w) -> (B, C, 2h, 2w)``, the inverse of `squeeze`."""
         self._check_squeezed(s)
-        if self.order != "glow":
+        if self.order == "realnvp":
             batch, channels4, half_h, half_w = s.shape
-            s = s.reshape(batch, 4, channels4 // 4, half_h, half_w).transpose(1, 2)
-            if self.order == "realnvp":
-                s = s[:, :, REALNVP_INVERSE]
-            s = s.reshape(batch, channels4, half_h, half_w)
-        return self._glow_unsqueeze(s)
-
-    def _glow_squeeze(self, x: Tensor) -> Tensor:
-        check_image_shape(type(self).__name__, tuple(x.shape), batched=True)
-        batch, channels, height, width = x.shape
-        s = x.reshape(batch, channels, height // 2, 2, width // 2, 2)
-        return s.permute(0, 1, 3, 5, 2, 4).reshape(batch, 4 * channels, height // 2, width // 2)
+            s = s.reshape(batch, 4, channels4 // 4, half_h, half_w)[:, REALNVP_INVERSE].reshape(s.shape)
+        return depth_to_space(s, 2, pixel_first=self.order != "glow")
 
     def _check_squeezed(self, s: Tensor) -> None:
         if s.dim() != 4 or s.shape[1] % 4:
@@ -117,11 +107,6 @@ class SqueezeDecomposition(Decomposition):
                 f"{type(self).__name__}.unsqueeze expects a tensor of shape (B, 4C, h, w), but got "
                 f"shape {tuple(s.shape)}."
             )
-
-    def _glow_unsqueeze(self, s: Tensor) -> Tensor:
-        batch, channels4, half_h, half_w = s.shape
-        x = s.reshape(batch, channels4 // 4, 2, 2, half_h, half_w).permute(0, 1, 4, 2, 5, 3)
-        return x.reshape(batch, channels4 // 4, 2 * half_h, 2 * half_w)
 
     def to_channels(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Space to depth in Glow's layout (`squeeze`); a permutation, log|det| = 0."""
@@ -134,7 +119,7 @@ class SqueezeDecomposition(Decomposition):
         """``(B, C, H, W) -> (low (B, C, H/2, W/2), detail (B, 3C, H/2, W/2), zeros (B,))``."""
         check_image_shape(type(self).__name__, tuple(x.shape), batched=True)
         batch, channels, height, width = x.shape
-        s = self._glow_squeeze(x).reshape(batch, channels, 4, height // 2, width // 2)
+        s = space_to_depth(x, 2).reshape(batch, channels, 4, height // 2, width // 2)
         low = s[:, :, 0]
         detail = s[:, :, 1:].reshape(batch, 3 * channels, height // 2, width // 2)
         return low, detail, zeros_logabsdet(x)
@@ -148,7 +133,7 @@ class SqueezeDecomposition(Decomposition):
             [low.to(dtype).unsqueeze(2), detail.to(dtype).reshape(batch, channels, 3, half_h, half_w)],
             dim=2,
         )
-        return self._glow_unsqueeze(s.reshape(batch, 4 * channels, half_h, half_w)), zeros_logabsdet(low)
+        return depth_to_space(s.reshape(batch, 4 * channels, half_h, half_w), 2), zeros_logabsdet(low)
 
 
 @hookimpl

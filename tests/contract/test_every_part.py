@@ -74,6 +74,17 @@ SMALL: dict[tuple[str, str], dict[str, Any]] = {
     # 1x8x8: checkerboard steps, squeeze to 4x4x4, channel steps, factor out 2 of 4, 4 checkerboard steps.
     ("model", "realnvp"): {"hidden": 4, "checkerboard_step": {"coupling": {"net": {"blocks": 1}}},
                            "channel_step": {"coupling": {"net": {"blocks": 1}}}},
+    ("net", "causal_transformer"): {"width": 16, "depth": 2, "head_dim": 8},
+    ("net", "vit"): {"width": 16, "depth": 1, "heads": 2, "patch": 2},
+    ("step", "tarflow"): {"order": "flip", "net": {"use": "causal_transformer", "width": 16, "depth": 1, "head_dim": 8}},
+    # The spatial split: a channel coupling would be checked by the coupling's own contract.
+    ("step", "jet"): {"projection": "checkerboard", "coupling": {"net": {"use": "vit", "width": 16, "depth": 1,
+                                                                         "heads": 2}}},
+    # 1x8x8 at patch 2: 16 tokens of 4 features; patch 4 would leave 4.
+    ("model", "tarflow"): {"blocks": 2, "patchify": {"use": "patchify", "patch": 2},
+                           "step": {"net": {"width": 16, "depth": 1, "head_dim": 8}}},
+    ("model", "jet"): {"depth": 3, "patchify": {"use": "patchify", "patch": 2, "order": "space_to_depth"},
+                       "step": {"coupling": {"net": {"width": 16, "depth": 1, "heads": 2}}}},
 }
 
 

@@ -4,7 +4,8 @@ Only the data and the run's length change (the model, optimiser and evaluation k
 preset's), so the whole pipeline of the paper configuration is exercised: Wavelet Flow at 64x64
 with its 7 flows, Glow with gradient accumulation and shift augmentation, Flow++ with its
 data-dependent init, global clipping, EMA and importance-weighted evaluation, MaCow with its
-split flows and exponential decay, RealNVP with its global clipping. Slow: the models have 20M to 96M
+split flows and exponential decay, RealNVP with its global clipping, TarFlow (460M parameters) and Jet
+(207M) with AdamW, cosine decay and, for Jet, global clipping. Slow: the models have 20M to 460M
 parameters.
 """
 
@@ -27,6 +28,9 @@ CASES = {  # recipe: (image side, overrides of the run's length that keep the pr
     "flowpp": (32, ["train.batch_size=2", "train.init_batch_size=4", "eval.iw_samples=2"]),
     "macow": (32, ["train.batch_size=2", "train.init_batch_size=4", "eval.iw_samples=2"]),
     "realnvp": (32, ["train.batch_size=2", "train.init_batch_size=4"]),
+    # 460M and 207M parameters: AdamW's state alone is 7.4 GB and 3.3 GB in float32.
+    "tarflow": (64, ["train.batch_size=2", "train.warmup_steps=1"]),
+    "jet": (64, ["train.batch_size=2", "train.warmup_steps=1"]),
 }
 
 

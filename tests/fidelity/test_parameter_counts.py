@@ -106,3 +106,51 @@ def test_the_realnvp_preset_differs_from_the_reference_only_by_its_normalisation
     output_actnorms = 2 * (3 * 3 + 3 * 12 + 4 * 6)
     counted = inspect(resolved, plugins, shape=(3, 32, 32), memory=False).params
     assert counted == REALNVP_CIFAR10 + REALNVP_BATCH_NORM_BETAS + output_actnorms == 19_628_230
+
+
+# apple/ml-tarflow @313120e, README.md "Unconditional ImageNet64 density modelling": transformer_flow.Model(
+# in_channels=3, img_size=64, patch_size=2, channels=768, num_blocks=8, layers_per_block=8), its parameters
+# counted by instantiating the reference's own PyTorch module (docs/baselines/fidelity.md).
+TARFLOW_IMAGENET64 = 460_142_784
+# The same Model at train_local.ipynb's MNIST settings (patch 4, 128 channels, 4 blocks of 4 layers),
+# unconditional (num_classes = 0): the CPU default's architecture.
+TARFLOW_MNIST = 3_222_656
+# google-research/big_vision @0127fb6, configs/proj/jet/imagenet64.py (depth 32, block depth 2, emb_dim 512,
+# 8 heads, patch 4) with models/proj/jet/jet.py and models/vit.py: the trainable parameters derived from the
+# flax modules' shapes in docs/baselines/fidelity.md (the parameter tree also holds 2,170,880 entries of
+# frozen projection matrices, buffers here).
+JET_IMAGENET64 = 207_177_216
+JET_FROZEN_PROJECTIONS = 32 * 48 * 48 + 32 * 256 * 256
+
+
+def _count_on_meta(recipe: str, preset: str | None, shape: tuple[int, int, int]) -> tuple[int, torch.nn.Module]:
+    """The model of a recipe built on the meta device: shapes without memory (460M parameters)."""
+    plugins = default_plugins()
+    resolved = load_recipe(RECIPES / f"{recipe}.toml", plugins.registries, preset=preset)
+    with torch.device("meta"):
+        model = Builder(plugins.registries)(resolved.model, in_shape=shape)
+    return sum(p.numel() for p in model.parameters()), model
+
+
+@pytest.mark.parametrize(("recipe", "preset", "shape", "reference"), [
+    ("tarflow", "paper", (3, 64, 64), TARFLOW_IMAGENET64),
+    ("tarflow", None, (1, 28, 28), TARFLOW_MNIST),
+    ("jet", "paper", (3, 64, 64), JET_IMAGENET64),
+], ids=["tarflow-paper", "tarflow-default", "jet-paper"])
+def test_the_transformer_flows_are_exactly_the_reference(recipe: str, preset: str | None,
+                                                         shape: tuple[int, int, int], reference: int) -> None:
+    """Layer for layer: TarFlow's MetaBlocks (proj_in, pos_embed, attention blocks, proj_out) and Jet's
+    couplings (init_proj, posemb, ViT encoder, final_proj); the counts are equal, not only close."""
+    counted, _ = _count_on_meta(recipe, preset, shape)
+    assert counted == reference
+
+
+def test_jets_frozen_projections_are_buffers_of_the_references_sizes() -> None:
+    """The reference keeps its projections as 0/1 matrices among its parameters (frozen by the
+    schedule): (32, 48, 48) and (32, 256, 256). flowkit keeps each as an index buffer."""
+    counted, model = _count_on_meta("jet", "paper", (3, 64, 64))
+    steps = [m for m in model.modules() if type(m).__name__ == "JetStep"]
+    assert len(steps) == 32 and all(s.index.numel() == 48 * 256 for s in steps)
+    assert counted + JET_FROZEN_PROJECTIONS == 209_348_096
+    assert [s.projection for s in steps if s.projection != "random"] == [
+        "checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes", "hstripes-inv"]

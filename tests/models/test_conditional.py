@@ -28,6 +28,11 @@ MODELS = {
                "step": {"use": "glow", "coupling": {"use": "affine", "net": TINY_NET}}},
     "realnvp": {"scales": 2, "hidden": 4, "checkerboard_step": {"coupling": {"net": {"blocks": 1}}},
                 "channel_step": {"coupling": {"net": {"blocks": 1}}}},
+    # Guided sampling decodes token by token: every cached call of the causal nets is mixed.
+    "tarflow": {"blocks": 2, "patchify": {"use": "patchify", "patch": 2},
+                "step": {"net": {"width": 16, "depth": 1, "head_dim": 8}}},
+    "jet": {"depth": 3, "patchify": {"use": "patchify", "patch": 2, "order": "space_to_depth"},
+            "step": {"coupling": {"net": {"width": 16, "depth": 1, "heads": 2}}}},
 }
 
 

