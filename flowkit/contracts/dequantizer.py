@@ -55,3 +55,14 @@ class Dequantizer(nn.Module):
     @torch.no_grad()
     def initialize(self, x: Tensor, n_bits: int) -> None:
         """Data-dependent initialisation (actnorm in a learned dequantizer); the default does nothing."""
+
+    @staticmethod
+    def levels_in(x: Tensor, n_bits: int) -> Tensor:
+        """``x`` checked (a batch dimension, ``1 <= n_bits <= 16``) and as a float tensor (at least
+        float32; a float input keeps its precision): what every dequantizer's ``forward`` starts from."""
+        if not 1 <= n_bits <= 16:
+            raise ValueError(f"n_bits = {n_bits} is out of range; allowed: 1 to 16.")
+        if x.dim() < 1:
+            raise ValueError(f"x must have a batch dimension, got a tensor of shape {tuple(x.shape)}.")
+        dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+        return x.to(dtype)

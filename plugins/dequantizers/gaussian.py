@@ -62,12 +62,8 @@ class GaussianDequantizer(Dequantizer):
         self.noise_std = float(params.std)
 
     def forward(self, x: Tensor, n_bits: int) -> tuple[Tensor, Tensor]:
-        if not 1 <= n_bits <= 16:
-            raise ValueError(f"n_bits = {n_bits} is out of range; allowed: 1 to 16.")
-        if x.dim() < 1:
-            raise ValueError(f"x must have a batch dimension, got a tensor of shape {tuple(x.shape)}.")
-        dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
-        x = x.to(dtype)
+        x = self.levels_in(x, n_bits)
+        dtype = x.dtype
         y = (x + 0.5) / float(2**n_bits) + self.noise_std * torch.randn_like(x)
         return y, torch.zeros(x.shape[0], dtype=dtype, device=x.device)
 

@@ -54,13 +54,9 @@ class UniformDequantizer(Dequantizer):
         self.in_shape = None if in_shape is None else tuple(in_shape)
 
     def forward(self, x: Tensor, n_bits: int) -> tuple[Tensor, Tensor]:
-        if not 1 <= n_bits <= 16:
-            raise ValueError(f"n_bits = {n_bits} is out of range; allowed: 1 to 16.")
-        if x.dim() < 1:
-            raise ValueError(f"x must have a batch dimension, got a tensor of shape {tuple(x.shape)}.")
-        dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+        x = self.levels_in(x, n_bits)
+        dtype = x.dtype
         levels = float(2**n_bits)
-        x = x.to(dtype)
         # Division by a power of two is exact, so the cap below keeps floor(y * K) == x.
         y = (x + torch.rand_like(x)) / levels
         cap = torch.nextafter((x + 1) / levels, torch.zeros((), dtype=dtype, device=x.device))
