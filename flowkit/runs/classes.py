@@ -22,6 +22,7 @@ Sample grids: one row per class (``samples-T<t>.png``), the unconditional model 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from flowkit.contracts.transform import InverseSolver
+from flowkit.errors import FlowkitError
 from flowkit.models.conditional import ClassConditioned
 from flowkit.runs.data import Split, read_batch
 from flowkit.runs.evaluate import eval_mode
@@ -41,8 +43,6 @@ from flowkit.runs.session import Session
 def conditioning_of(session: Session) -> ClassConditioned:
     """The session's class-conditional view; a clear error for an unconditional run."""
     if session.conditioning is None:
-        from flowkit.errors import FlowkitError
-
         raise FlowkitError(f"run of {session.recipe.model.use} is not class-conditional (its recipe has "
                            "data.labels = false): it has no classes to classify or sample by.")
     return session.conditioning
@@ -70,6 +70,22 @@ def log_prob_per_class(session: Session, y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def per_class_batches(session: Session, x_all: Split | Tensor, labels_all: np.ndarray | Tensor | None, *,
+                      batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """The class evaluation loop: per batch of ``x_all`` (with fixed dequantization noise,
+    ``seed``, the model in eval mode), ``log p(y | c)`` ``(B, K)``, ``log q(u | x)`` ``(B,)``, both
+    float64, and the batch's labels (None without), on the session's device."""
+    objective = session.objective
+    with eval_mode(session, seed):
+        for start in range(0, len(x_all), batch_size):
+            x, labels = read_batch(x_all, labels_all, start, start + batch_size)
+            y, log_q = objective.dequantize(x.to(session.device))
+            per_class = log_prob_per_class(session, y)
+            log_q = torch.as_tensor(log_q, device=per_class.device).double().expand(len(y))
+            yield per_class, log_q, None if labels is None else labels.to(session.device)
+
+
+@torch.no_grad()
 def evaluate_classes(session: Session, x_all: Split | Tensor, labels_all: np.ndarray | Tensor, *,
                      batch_size: int, seed: int, log_class_prior: Tensor) -> dict[str, Any]:
     """Over ``x_all`` with its labels: the mean marginal bits/dim (``bpd_marginal``), the mean
@@ -83,23 +99,18 @@ def evaluate_classes(session: Session, x_all: Split | Tensor, labels_all: np.nda
     sums = {"bpd_marginal": 0.0, "bpd_conditional": 0.0, "correct": 0.0}
     hits_per_class, count_per_class = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
     n = 0
-    with eval_mode(session, seed):
-        for start in range(0, len(x_all), batch_size):
-            x, labels = read_batch(x_all, labels_all, start, start + batch_size)
-            x, labels = x.to(session.device), labels.to(session.device)
-            y, log_q = objective.dequantize(x)
-            log_q = torch.as_tensor(log_q).double()
-            per_class = log_prob_per_class(session, y)
-            prior = log_class_prior.to(per_class.device)
-            marginal = conditioning.log_marginal(per_class, prior)
-            own = per_class.gather(1, labels[:, None])[:, 0]
-            sums["bpd_marginal"] += objective.bits_per_dim({"log_p": marginal}, log_q).sum().item()
-            sums["bpd_conditional"] += objective.bits_per_dim({"log_p": own}, log_q).sum().item()
-            hits = (conditioning.bayes_classify(per_class, prior) == labels).double().cpu()
-            sums["correct"] += hits.sum().item()
-            hits_per_class.index_add_(0, labels.cpu(), hits)
-            count_per_class.index_add_(0, labels.cpu(), torch.ones_like(hits))
-            n += len(x)
+    for per_class, log_q, labels in per_class_batches(session, x_all, labels_all, batch_size=batch_size, seed=seed):
+        assert labels is not None  # read beside the images
+        prior = log_class_prior.to(per_class.device)
+        marginal = conditioning.log_marginal(per_class, prior)
+        own = per_class.gather(1, labels[:, None])[:, 0]
+        sums["bpd_marginal"] += objective.bits_per_dim({"log_p": marginal}, log_q).sum().item()
+        sums["bpd_conditional"] += objective.bits_per_dim({"log_p": own}, log_q).sum().item()
+        hits = (conditioning.bayes_classify(per_class, prior) == labels).double().cpu()
+        sums["correct"] += hits.sum().item()
+        hits_per_class.index_add_(0, labels.cpu(), hits)
+        count_per_class.index_add_(0, labels.cpu(), torch.ones_like(hits))
+        n += len(labels)
     seen = count_per_class > 0
     return {"bpd_marginal": sums["bpd_marginal"] / n, "bpd_conditional": sums["bpd_conditional"] / n,
             "bayes_accuracy": sums["correct"] / n,

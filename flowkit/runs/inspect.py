@@ -11,8 +11,9 @@ from torch import nn
 
 from flowkit.build import Builder
 from flowkit.errors import FlowkitError, ShapeError
-from flowkit.plugins import Plugins
+from flowkit.models.conditional import ClassConditioned
 from flowkit.nn.guidance import Guidance
+from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe
 from flowkit.runs.session import build_model
 
@@ -112,6 +113,8 @@ def inspect(recipe: Recipe, plugins: Plugins, *, shape: tuple[int, int, int] | N
         raise FlowkitError(f"{recipe.source}: [model] does not fit images of shape {shape}: {exc}") from None
     parts = {**parts_of(model, "model"), **parts_of(dequantizer, "dequantizer")}
     parts = {k: v for k, v in parts.items() if v}
-    context = torch.nn.functional.one_hot(torch.tensor([num_classes]), num_classes + 1).float() if num_classes else None
+    # One image of "no class": the class-conditional model's own one-hot.
+    conditioning = ClassConditioned(model, num_classes) if num_classes else None
+    context = conditioning.one_hot(conditioning.labels_for(None, 1, torch.zeros(())), torch.zeros(())) if conditioning else None
     act = activation_bytes(model, dequantizer, shape, recipe.data.params.n_bits, context) if memory else None
     return Inspection(tuple(shape), count_parameters(model, dequantizer), parts, act)

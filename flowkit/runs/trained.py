@@ -12,7 +12,6 @@ default with the seed the run itself used, so a loaded run reproduces the run's 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +23,7 @@ from flowkit.contracts.transform import InverseSolver
 from flowkit.errors import FlowkitError, ShapeError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import Recipe, load_recipe
-from flowkit.runs.bpd import bits_per_dim_to_nats, figure_key
+from flowkit.runs.bpd import bits_per_dim_to_nats, discrete_nll, figure_key
 from flowkit.runs.checkpoint import latest_checkpoint, load_weights
 from flowkit.runs.data import Split
 from flowkit.runs.evaluate import per_image
@@ -256,24 +255,18 @@ class TrainedRun:
         (a LongTensor ``(B,)``) and ``log p(x | c)`` ``(B, K)`` float64 nats (the dequantized
         bound, one noise draw per image shared by the classes), ``p(c)`` the training labels'
         frequencies (`flowkit.runs.classes`)."""
-        from flowkit.runs.classes import class_log_prior, conditioning_of, log_prob_per_class
-        from flowkit.runs.evaluate import eval_mode
+        from flowkit.runs.classes import class_log_prior, conditioning_of, per_class_batches
 
         conditioning = conditioning_of(self.session)
         x = self._levels_in(x, self.shape, "x")
         seed = self.recipe.train.seed + 1 if seed is None else seed
         prior = class_log_prior(self.session.train_x.labels, conditioning.num_classes)
         predicted, log_px = [], []
-        objective = self.session.objective
         c, h, w = self.shape
-        with eval_mode(self.session, seed):
-            for start in range(0, len(x), self.recipe.train.eval_batch_size):
-                batch = x[start : start + self.recipe.train.eval_batch_size].to(self.device)
-                y, log_q = objective.dequantize(batch)
-                per_class = log_prob_per_class(self.session, y)
-                predicted.append(conditioning.bayes_classify(per_class, prior.to(per_class.device)).cpu())
-                log_q = torch.as_tensor(log_q, device=per_class.device).double()
-                log_px.append((per_class - c * h * w * math.log(2**self.n_bits) - log_q.reshape(-1, 1)).cpu())
+        for per_class, log_q, _ in per_class_batches(self.session, x, None, batch_size=self.recipe.train.eval_batch_size,
+                                                     seed=seed):
+            predicted.append(conditioning.bayes_classify(per_class, prior.to(per_class.device)).cpu())
+            log_px.append(-discrete_nll(per_class, c * h * w, self.n_bits, log_q[:, None]).cpu())
         return torch.cat(predicted), torch.cat(log_px)
 
     @torch.no_grad()
