@@ -107,9 +107,16 @@ def invert_logit_mixture_cdf(
     Stops when every bracket is narrower than ``tol`` plus 4 ulps of ``|x|`` (float32 cannot
     resolve 1e-6 at |x| > 8); the returned midpoint is then within half that of the root.
     Raises `InverseDidNotConverge` after ``max_iter`` halvings.
+
+    An entry whose bracket is not finite (its target already overflowed in the step after it,
+    or its mixture came from a net fed such a value) has no root to find: it comes back as
+    the bracket's midpoint, ±inf or NaN, and the rest converge as usual. The sample it belongs
+    to is then an overflowed one, which the run engine saturates and counts as it does for
+    every model; raising here made one such sample end a run's evaluation.
     """
     ends = mu + torch.exp(log_s) * target.unsqueeze(1)
     lo, hi = ends.amin(dim=1), ends.amax(dim=1)
+    overflowed = ~(torch.isfinite(lo) & torch.isfinite(hi))
     eps = torch.finfo(target.dtype).eps
     for i in range(max_iter):
         mid = 0.5 * (lo + hi)
@@ -119,9 +126,9 @@ def invert_logit_mixture_cdf(
         # A host sync every 4 halvings only: sampling, not the training hot path.
         if i % 4 == 3 or i == max_iter - 1:
             slack = tol + 4 * eps * torch.maximum(lo.abs(), hi.abs())
-            if bool(((hi - lo) <= slack).all()):
+            if bool(((hi - lo <= slack) | overflowed).all()):
                 return 0.5 * (lo + hi)
-    worst = float((hi - lo).max())
+    worst = float((hi - lo).masked_fill(overflowed, 0.0).max())
     raise InverseDidNotConverge(
         f"The mixlogistic inverse did not converge in max_iter = {max_iter} bisection steps "
         f"(widest bracket {worst:.3g}, tol = {tol:g}); raise max_iter or tol."
