@@ -36,6 +36,7 @@ from flowkit.runs.bpd import figure_key
 from flowkit.runs.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from flowkit.runs.data import Prefetch, batches, drop_labels
 from flowkit.runs.evaluate import evaluate
+from flowkit.runs.gradients import clip_grad_norm
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.session import Session
 from flowkit.runs.signals import AbortedBySignal, RunInterrupted, StopOnSignal
@@ -312,8 +313,8 @@ class Trainer:
         (``grad_clip_scope = "global"``, Flow++'s single norm over model and dequantizer)."""
         limit = self.cfg.grad_clip or float("inf")
         if self.cfg.grad_clip_scope == "global":
-            return [torch.nn.utils.clip_grad_norm_([p for ps in self.groups.values() for p in ps], limit, foreach=True)]
-        return [torch.nn.utils.clip_grad_norm_(p, limit, foreach=True) for p in self.groups.values()]
+            return [clip_grad_norm([p for ps in self.groups.values() for p in ps], limit)]
+        return [clip_grad_norm(p, limit) for p in self.groups.values()]
 
     def fail(self, step: int, what: str, terms: dict[str, torch.Tensor]) -> None:
         """Stops training at ``step``, the first bad one. That step and the ones after it were

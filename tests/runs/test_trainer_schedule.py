@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from flowkit.errors import TrainingError
-from flowkit.runs.checkpoint import CheckpointError
 from flowkit.plugins import Plugins
 from flowkit.recipes.load import load_recipe
+from flowkit.runs.checkpoint import CheckpointError
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.session import build_session
 from flowkit.runs.trainer import Trainer, batches
@@ -237,6 +237,23 @@ def test_a_nan_gradient_stops_training_naming_the_step_and_group(plugins: Plugin
         trainer.train()
     assert len(calls) == 3
     assert_failed_and_kept_step_2(out, trainer, caught.value, "level1")
+
+
+def test_a_finite_gradient_too_large_for_a_float32_norm_is_clipped_and_training_goes_on(
+    plugins: Plugins, tmp_path: Path,
+) -> None:
+    # A gradient of 1e25 is finite in float32, its square is not: a float32 norm reads inf and
+    # stopped the run as "a gradient became NaN or Inf" (the mixture couplings' case,
+    # tests/plugins/couplings/test_mixlogistic_gradient_growth.py). It is a step to clip.
+    out = tmp_path / "run"
+    trainer = make_trainer(plugins, out, "train.steps=4", "train.grad_clip=50.0", "train.optimizer=adam",
+                           "train.weight_decay=0.0", "train.checkpoint_every=1")
+    parameter = trainer.groups["level1"][0]
+    calls = []
+    parameter.register_hook(lambda grad: (calls.append(1), grad * 1e25 if len(calls) == 3 else grad)[1])
+    trainer.train()
+    assert trainer.state.step == 4 and len(calls) == 4
+    assert all(torch.isfinite(p).all() for p in trainer.s.model.parameters())
 
 
 def test_a_nan_loss_stops_training_naming_the_step_and_term(plugins: Plugins, tmp_path: Path) -> None:
