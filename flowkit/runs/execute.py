@@ -8,6 +8,7 @@ trained it. A summary's keys, and which density its bits/dim are of, are stated 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,21 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
         summary["samples_overflowed"] = evaluated.overflowed  # images per grid whose inverse overflowed
     if alone is not None:
         summary["trained_part"] = alone
+    bad = nonfinite_figures(summary)
+    if bad:  # a NaN anywhere (test_bpd, a level, the marginal, a class's accuracy) is named, not buried
+        summary["nonfinite"] = bad
     return summary
+
+
+def nonfinite_figures(summary: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys (``a/b`` for nested ones) of every number in ``summary`` that is NaN or infinite."""
+    bad = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            bad += nonfinite_figures(value, f"{prefix}{key}/")
+        elif isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"{prefix}{key}")
+    return bad
 
 
 def execute(session: Session, rundir: RunDir | None, reporter: Reporter, *, resume: bool = False,

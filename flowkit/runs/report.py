@@ -93,6 +93,8 @@ def write_report(rundir: RunDir) -> tuple[Path, list[Path] | None]:
     n = recipe.get("sample", {}).get("n", "?")
     for temperature, count in summary.get("samples_overflowed", {}).items():
         lines.append(f"| samples overflowed at {temperature} | {count} of {n} |")
+    if summary.get("nonfinite"):
+        lines.append(f"| **not finite** | {', '.join(summary['nonfinite'])} |")
     lines += ["", f"Density reported: {summary.get('density', '?')}.", "", "## Plots", ""]
     plots = draw_plots(rundir, summary)
     if plots is None:

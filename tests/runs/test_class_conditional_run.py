@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from flowkit.plugins import Plugins, make_plugins
 from flowkit.recipes.load import load_recipe
 from flowkit.runs.classes import class_log_prior, evaluate_classes, log_prob_per_class
 from flowkit.runs.evaluate import evaluate, per_image
+from flowkit.runs.execute import nonfinite_figures
+from flowkit.runs.report import write_report
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.session import build_session
 from flowkit.runs.trainer import SilentReporter, Trainer
@@ -173,3 +176,21 @@ def test_an_unconditional_run_refuses_class_sampling(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "is not class-conditional" in result.output
     with pytest.raises(FlowkitError, match="is not class-conditional"):
         flowkit.load_run(out).classify(flowkit.load_run(out).test_x[:2])
+
+
+def test_a_non_finite_class_figure_is_named_in_the_summary_and_the_report(conditional_run: Path,
+                                                                          tmp_path: Path) -> None:
+    # The class figures come from their own loop (flowkit.runs.classes), not evaluate's, whose
+    # "nonfinite" key never reached summary.json: a NaN marginal or accuracy sat there unnamed.
+    summary = json.loads((conditional_run / "summary.json").read_text())
+    assert "nonfinite" not in summary and nonfinite_figures(summary) == []
+    summary["test_bpd_marginal"] = float("nan")
+    summary["bayes_accuracy_per_class"]["3"] = float("inf")
+    assert nonfinite_figures(summary) == ["test_bpd_marginal", "bayes_accuracy_per_class/3"]
+
+    copy = tmp_path / "run"
+    shutil.copytree(conditional_run, copy)
+    summary["nonfinite"] = nonfinite_figures(summary)
+    RunDir(copy).write_summary(summary)
+    report, _ = write_report(RunDir(copy))
+    assert "| **not finite** | test_bpd_marginal, bayes_accuracy_per_class/3 |" in report.read_text()
