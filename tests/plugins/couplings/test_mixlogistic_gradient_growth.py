@@ -1,8 +1,9 @@
 """Why a Wavelet Flow with mixture couplings stopped with "a gradient became NaN or Inf" at a
 finite loss (docs/comparisons/couplings, step 921 in level 1), on a small case.
 
-A logistic-mixture coupling's slope dσ⁻¹(F)/dx is largest on a narrow component: about
-e^{-log s} / 4 with half the weight on it, e^7 / 4 = 274 at Flow++'s log-scale floor of -7. Where
+A logistic-mixture coupling's slope dσ⁻¹(F)/dx = f / (F (1 - F)) is largest on a narrow
+component: at its centre, with weight π on it and F = 1/2, f ≈ π e^{-log s} / 4, so the slope is
+about π e^{-log s}, 548 for π = 1/2 at Flow++'s log-scale floor of -7. Where
 the narrow components of successive layers sit on the value each receives, the gradient of
 the loss with respect to the first layers is the product of their slopes, while the forward
 values, and so the loss, stay moderate: σ⁻¹(F) is bounded by the wide component. Eight such
