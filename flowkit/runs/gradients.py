@@ -5,10 +5,10 @@ element above 1.8e19 makes the norm ``inf`` although every element is finite, th
 factor becomes 0 (and ``inf * 0`` NaN), and the trainer, which checks the norm, stops with "a
 gradient became NaN or Inf". Deep stacks of logistic-mixture couplings produce such gradients
 with a finite loss: where the narrow components of several layers line up on one value, the
-gradient is the product of their slopes, each about π e^7 on a component of weight π at Flow++'s log-scale floor
-(tests/plugins/couplings/test_mixlogistic_gradient_growth.py). Summed in float64, the norm is
-exact for every finite gradient, so such a step is clipped as clipping intends; only a gradient
-with a non-finite element has a non-finite norm.
+gradient is the product of their slopes, each about π e^7 on a component of weight π at Flow++'s
+log-scale floor (tests/plugins/couplings/test_mixlogistic_gradient_growth.py). Summed in
+float64, the norm is exact for every finite gradient, so such a step is clipped as clipping
+intends; only a gradient with a non-finite element has a non-finite norm.
 """
 
 from __future__ import annotations
