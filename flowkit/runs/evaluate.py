@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,9 +93,22 @@ def evaluate(session: Session, x_all: Images, labels: Labels = None, *, batch_si
             sums[key] = sums.get(key, 0.0) + value.sum().item()
         n += len(next(iter(values.values())))
     out = {key: value / n for key, value in sums.items()}
-    if not all(math.isfinite(v) for v in out.values()):
-        out["nonfinite"] = ",".join(k for k, v in out.items() if not math.isfinite(v))  # the caller decides
+    bad = nonfinite_figures(out)
+    if bad:
+        out["nonfinite"] = ",".join(bad)  # the caller decides
     return out
+
+
+def nonfinite_figures(figures: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys (``a/b`` for nested ones) of every number in ``figures`` that is NaN or infinite:
+    an evaluation's figures, or a whole summary.json (flowkit.runs.execute.summarise)."""
+    bad = []
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            bad += nonfinite_figures(value, f"{prefix}{key}/")
+        elif isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"{prefix}{key}")
+    return bad
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ trained it. A summary's keys, and which density its bits/dim are of, are stated 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from flowkit.contracts.transform import sequential_inverses
 from flowkit.runs import distributed
 from flowkit.runs.bpd import figure_key
 from flowkit.runs.classes import class_figures, class_grids
-from flowkit.runs.evaluate import evaluate, evaluate_iw
+from flowkit.runs.evaluate import evaluate, evaluate_iw, nonfinite_figures
 from flowkit.runs.inspect import count_parameters
 from flowkit.runs.report import write_report
 from flowkit.runs.rundir import RunDir
@@ -157,17 +156,6 @@ def summarise(session: Session, rundir: RunDir, evaluated: Evaluated, training: 
     if bad:  # a NaN anywhere (test_bpd, a level, the marginal, a class's accuracy) is named, not buried
         summary["nonfinite"] = bad
     return summary
-
-
-def nonfinite_figures(summary: dict[str, Any], prefix: str = "") -> list[str]:
-    """The keys (``a/b`` for nested ones) of every number in ``summary`` that is NaN or infinite."""
-    bad = []
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            bad += nonfinite_figures(value, f"{prefix}{key}/")
-        elif isinstance(value, float) and not math.isfinite(value):
-            bad.append(f"{prefix}{key}")
-    return bad
 
 
 def execute(session: Session, rundir: RunDir | None, reporter: Reporter, *, resume: bool = False,

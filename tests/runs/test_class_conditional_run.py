@@ -22,8 +22,7 @@ from flowkit.errors import FlowkitError, RecipeError
 from flowkit.plugins import Plugins, make_plugins
 from flowkit.recipes.load import load_recipe
 from flowkit.runs.classes import class_log_prior, evaluate_classes, log_prob_per_class
-from flowkit.runs.evaluate import evaluate, per_image
-from flowkit.runs.execute import nonfinite_figures
+from flowkit.runs.evaluate import evaluate, nonfinite_figures, per_image
 from flowkit.runs.report import write_report
 from flowkit.runs.rundir import RunDir
 from flowkit.runs.session import build_session
