@@ -74,6 +74,10 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
     if "test_bpd_iw" in summary:
         table.add_row(f"test bits/dim, importance-weighted ({summary['iw_samples']} samples, "
                       f"{summary['iw_images']} images)", fmt(summary["test_bpd_iw"]))
+    if f"test_{key}_marginal" in summary:  # a class-conditional run: the image's own density, the classifier
+        images = f"{summary['class_images']:,} images"
+        table.add_row(f"test {words}, marginal over classes ({images})", fmt(summary[f"test_{key}_marginal"]))
+        table.add_row(f"Bayes classifier accuracy ({images})", f"{summary['bayes_accuracy']:.1%}")
     if "weights" in summary:
         table.add_row("evaluated weights", summary["weights"])
     table.add_row(f"train {words}", fmt(summary[f"train_{key}"]))

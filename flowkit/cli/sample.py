@@ -57,12 +57,11 @@ def register(cli: click.Group) -> None:
             from flowkit.runs.classes import class_grids
 
             labels = pick_class(session, class_, guidance, mcmc=sampling.mcmc is not None)
-            if denoise:
-                raise click.UsageError("--denoise does not combine with a class-conditional run's class sampling yet.")
+            prefix = "sample" if class_ is None else f"sample-class{class_}"
             paths, overflowed = class_grids(session, rundir.samples, n=n, temperatures=temps, seed=seed,
-                                            prefix="sample" if class_ is None else f"sample-class{class_}",
+                                            prefix=f"{prefix}-denoised" if denoise else prefix,
                                             labels=labels, guidance=() if guidance is None else (guidance,),
-                                            solver=inverse)
+                                            solver=inverse, denoised=denoise)
         elif sampling.mcmc is None:
             from flowkit.runs.sampling import sample_grids
 

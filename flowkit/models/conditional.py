@@ -79,6 +79,12 @@ class ClassConditioned:
             raise ShapeError(f"labels must give one class per image, shape ({n},), got {tuple(labels.shape)}.")
         return labels
 
+    def context(self, labels: Tensor | int | None, n: int) -> Tensor:
+        """The model's context for ``n`` images of ``labels`` (as `labels_for` takes them): their
+        ``(n, K + 1)`` one-hot vectors, on the model's device and in its dtype."""
+        like = next(iter(self.model.parameters()), torch.zeros(()))
+        return self.one_hot(self.labels_for(labels, n, like), like)
+
     # -- densities -------------------------------------------------------------------------------
     def log_prob_parts(self, y: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The model's terms of ``log p(y | labels)``."""

@@ -33,10 +33,11 @@ from torch import Tensor
 from flowkit.contracts.transform import InverseSolver
 from flowkit.errors import FlowkitError
 from flowkit.models.conditional import ClassConditioned
+from flowkit.runs.bpd import figure_key
 from flowkit.runs.data import Split, read_batch
 from flowkit.runs.evaluate import eval_mode
 from flowkit.runs.metrics import MetricsSink
-from flowkit.runs.sampling import sample_grids
+from flowkit.runs.sampling import denoise, sample_grids
 from flowkit.runs.session import Session
 
 
@@ -121,7 +122,9 @@ def evaluate_classes(session: Session, x_all: Split | Tensor, labels_all: np.nda
 def class_figures(session: Session, *, seed: int) -> dict[str, Any]:
     """A conditional run's summary entries: marginal test bits/dim and the Bayes classifier's test
     accuracy over eval.class_images test images (0: all), with the class prior of the training
-    labels."""
+    labels. A run trained on noisy images gets the same figures of its noisy test images, named
+    for what they are (``test_noisy_nll_marginal``, ``test_noisy_nll_conditional``; the
+    classifier's accuracy is then that of the noisy images, one noise draw each)."""
     conditioning = conditioning_of(session)
     limit = session.recipe.eval.class_images
     test = session.test_x.first(limit) if limit else session.test_x
@@ -130,7 +133,8 @@ def class_figures(session: Session, *, seed: int) -> dict[str, Any]:
                                seed=seed, log_class_prior=prior)
     # The conditional figure over the same images, for a like-for-like comparison with the
     # marginal (test_bpd is over the whole test set; equal to this when class_images is 0).
-    return {"test_bpd_marginal": figures["bpd_marginal"], "test_bpd_conditional": figures["bpd_conditional"],
+    key = figure_key(session.dequantizer.figure)  # never "bpd" for noisy images
+    return {f"test_{key}_marginal": figures["bpd_marginal"], f"test_{key}_conditional": figures["bpd_conditional"],
             "bayes_accuracy": figures["bayes_accuracy"],
             "bayes_accuracy_per_class": figures["bayes_accuracy_per_class"],
             "class_images": len(test), "classes": list(session.dataset.classes),
@@ -147,13 +151,17 @@ def class_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple[
                 seed: int, guidance: tuple[float, ...] | list[float] = (), prefix: str = "samples",
                 metrics: MetricsSink | None = None, step: int = 0, labels: int | None | str = "rows",
                 solver: InverseSolver | None = None, seconds: dict[str, float] | None = None,
-                ) -> tuple[list[Path], dict[str, int]]:
+                denoised: bool = False) -> tuple[list[Path], dict[str, int]]:
     """A conditional run's grids per temperature: with ``labels = "rows"``, one row per class
     (``n // K`` images each, at least one) and the unconditional model's ``n`` images
     (``<prefix>-noclass``); with a class index, ``n`` images of that class; with None, only "no
     class". Each weight of ``guidance`` adds the same rows guided (``<prefix>-guided<w>``).
     ``solver`` as `flowkit.runs.sampling.sample_grids`; ``seconds`` gets the draw times of the "no
-    class" grid (``n`` images, as an unconditional run's grid) or, without one, of the first grid."""
+    class" grid (``n`` images, as an unconditional run's grid) or, without one, of the first grid.
+    ``denoised``: the same draws, each denoised by the density of its own class ("no class" for
+    the unconditional grid; a guided draw by its class's conditional density, unguided, as
+    TarFlow denoises: the guidance steers the inverse only), under the same names (give a
+    ``prefix`` that says so: ``samples-denoised``)."""
     conditioning = conditioning_of(session)
     k = conditioning.num_classes
     if labels == "rows":
@@ -170,10 +178,13 @@ def class_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple[
     def grids(name: str, draw_labels: Tensor | int | None, weight: float | None, images: int,
               columns: int | None) -> None:
         kind = name.removeprefix(prefix).lstrip("-")
+        draw = lambda t: conditioning.sample(images, t, draw_labels, weight)  # noqa: E731
+        if denoised:
+            context = conditioning.context(draw_labels, images)
+            draw = lambda t, plain=draw: denoise(session, plain(t), context)  # noqa: E731
         made, over = sample_grids(
             session, out_dir, n=images, temperatures=temperatures, seed=seed, prefix=name, metrics=metrics,
-            step=step, ncol=columns, solver=solver, seconds=seconds if kind == timed else None,
-            draw=lambda t: conditioning.sample(images, t, draw_labels, weight))
+            step=step, ncol=columns, solver=solver, seconds=seconds if kind == timed else None, draw=draw)
         paths.extend(made)  # overflow keys read as the files do: T1, noclass-T1, guided2-T1
         overflowed.update({f"{kind}-{key}" if kind else key: v for key, v in over.items()})
 

@@ -18,7 +18,7 @@ import torch
 from flowkit.contracts.model import LatentVariable
 from flowkit.contracts.transform import sequential_inverses
 from flowkit.runs import distributed
-from flowkit.runs.bpd import figure_key
+from flowkit.runs.bpd import FIGURE_NAMES, figure_key
 from flowkit.runs.classes import class_figures, class_grids
 from flowkit.runs.evaluate import evaluate, evaluate_iw, nonfinite_figures
 from flowkit.runs.inspect import count_parameters
@@ -78,11 +78,9 @@ def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *,
         train = evaluate(session, train_x, train_x.labels, batch_size=cfg.eval_batch_size, seed=cfg.seed + 2,
                          alone=alone)
         if alone is None and conditional:
-            if session.dequantizer.figure == "bits_per_dim":
-                reporter.message("Marginal bits/dim and the Bayes classifier (one evaluation per class)...")
-                extra.update(class_figures(session, seed=cfg.seed + 1))  # the test figure's noise: the same y
-            else:  # a noisy-data NLL has no marginal bits/dim to report
-                reporter.message("No marginal bits/dim or Bayes accuracy: the run reports a noisy-data NLL.")
+            words = FIGURE_NAMES[session.dequantizer.figure]
+            reporter.message(f"Marginal {words} and the Bayes classifier (one evaluation per class)...")
+            extra.update(class_figures(session, seed=cfg.seed + 1))  # the test figure's noise: the same y
         if alone is None:
             grids = class_grids if conditional else sample_grids
             by_class = {"guidance": recipe.sample.guidance} if conditional else {}
@@ -94,10 +92,14 @@ def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *,
                 extra["sample_images_per_s"] = recipe.sample.n * len(seconds) / max(sum(seconds.values()), 1e-9)
                 if sequential_inverses(session.model):  # TarFlow: which inverse drew them
                     extra["sample_solver"] = recipe.sample.solver
-            if recipe.sample.denoise and not conditional:  # the same draws, denoised: grids that pair up
-                more, counts = sample_grids(session, rundir.samples, n=recipe.sample.n,
-                                            temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
-                                            metrics=rundir.metrics if log_samples else None, step=step, denoised=True)
+            if recipe.sample.denoise:  # the same draws, denoised: grids that pair up
+                common = dict(n=recipe.sample.n, temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
+                              metrics=rundir.metrics if log_samples else None, step=step, denoised=True)
+                if conditional:  # samples-denoised-T1, -denoised-noclass-T1, -denoised-guided1-T1
+                    more, counts = class_grids(session, rundir.samples, prefix="samples-denoised",
+                                               guidance=recipe.sample.guidance, **common)
+                else:  # samples-denoised-T1
+                    more, counts = sample_grids(session, rundir.samples, **common)
                 samples += more
                 overflowed.update({f"denoised-{k}": v for k, v in counts.items()})
             extra.update(importance_weighted(session, reporter))

@@ -28,7 +28,8 @@ from flowkit.runs.rundir import RunDir
 
 NO_MATPLOTLIB = ("No plots: matplotlib is not installed (`pip install matplotlib`, or "
                  "`pip install 'flowkit[ablate]'`); `flowkit report RUN_DIR` draws them once it is.")
-_TABLE_KEYS = ("test_bpd", "test_noisy_nll", "test_bpd_marginal", "test_bpd_conditional", "bayes_accuracy",
+_TABLE_KEYS = ("test_bpd", "test_noisy_nll", "test_bpd_marginal", "test_bpd_conditional", "test_noisy_nll_marginal",
+               "test_noisy_nll_conditional", "bayes_accuracy",
                "class_images", "test_bpd_iw", "iw_samples", "iw_images", "train_bpd", "train_noisy_nll",
                "params", "steps", "train_images_per_s", "peak_memory_bytes", "wall_s", "device", "weights")
 
@@ -208,7 +209,7 @@ def sample_panels(path: Path, rundir: RunDir, summary: dict[str, Any]) -> Path |
             kind, _, temperature = label.rpartition("-")  # "", "noclass", "guided2", "denoised"
             count = f", {overflowed[label]} of {len(images)} overflowed" if label in overflowed else ""
             # A class-conditional run's class grids (all but "noclass") have one row per class.
-            classes = len(summary.get("classes", ())) if kind != "noclass" else 0
+            classes = len(summary.get("classes", ())) if not kind.endswith("noclass") else 0
             ncol = max(1, len(images) // classes) if classes else None
             panels.append((f"{kind + ', ' if kind else ''}T = {temperature[1:]}{count}", grid(images, ncol)))
     if not panels:

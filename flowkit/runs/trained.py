@@ -221,7 +221,8 @@ class TrainedRun:
         """``n`` images at ``temperature``; ``seed`` default: the recipe's sample.seed, so that
         ``sample(sample.n, T)`` gives the run's own grid at T. ``solver``: how sequential
         inverses (TarFlow's) are solved (None: the recipe's [sample] settings); ``denoise``: one
-        score-based denoising step (`flowkit.runs.sampling.denoise`; runs trained with Gaussian noise).
+        score-based denoising step (`flowkit.runs.sampling.denoise`; runs trained with Gaussian noise;
+        a class-conditional draw is denoised by its class's density).
         A class-conditional run draws class ``labels`` (an int, or one per image; None: "no class"),
         with classifier-free ``guidance`` ``w`` when given (``h = h_c + w (h_c - h_u)``; a guided
         sample has no exact density)."""
@@ -240,10 +241,10 @@ class TrainedRun:
 
         def draw() -> Tensor:
             if conditioning is None:
-                y = self.model.sample(n, temperature=float(temperature))
-            else:
-                y = conditioning.sample(n, float(temperature), labels, guidance)
-            return denoise_step(self.session, y) if denoise else y
+                y, context = self.model.sample(n, temperature=float(temperature)), None
+            else:  # denoised by the density of its own class (unguided), as class_grids does
+                y, context = conditioning.sample(n, float(temperature), labels, guidance), conditioning.context(labels, n)
+            return denoise_step(self.session, y, context) if denoise else y
 
         with solving(self.session, solver):
             y, overflowed = seeded_draw(self.session, draw, seed)

@@ -5,9 +5,12 @@ summary.json, metrics.jsonl, report.md, the final table and the Python API; what
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import flowkit
@@ -86,3 +89,100 @@ def test_an_ablation_leaves_a_noisy_run_out_of_the_bits_per_dim_comparison(tmp_p
     summary = {"status": "finished", "figure": "noisy_nll", "test_noisy_nll": 1.0}
     row = VariantRow("noisy", [RunResult("noisy", 0, tmp_path, summary, {}, [])])
     assert row.by_seed() == {} and row.values("test_bpd") == []
+
+
+# -- class-conditional on Gaussian noise (tarflow.toml's cond_gaussian: the reference notebook's MNIST setting)
+
+CONDITIONAL = [GAUSSIAN[0], "data.labels=true", "train.label_dropout=0.1", "eval.class_images=32",
+               "sample.guidance=[1.0]", "sample.denoise=true", "sample.n=20", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def noisy_conditional_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("noisy_cond") / "run"
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(  # the final table unwrapped
+        cli, ["run", str(TARFLOW), "--preset", "smoke", "--out", str(out), *[a for kv in CONDITIONAL for a in ("--set", kv)]],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "marginal over classes" in result.output and "Bayes classifier accuracy" in result.output, result.output
+    assert "bits/dim" not in result.output, result.output
+    return out
+
+
+def test_a_conditional_noisy_run_reports_the_class_figures_as_noisy_nll(noisy_conditional_run: Path) -> None:
+    summary = json.loads((noisy_conditional_run / "summary.json").read_text())
+    assert not [k for k in summary if "bpd" in k], [k for k in summary if "bpd" in k]
+    marginal, conditional = summary["test_noisy_nll_marginal"], summary["test_noisy_nll_conditional"]
+    # p(y) = sum_c p(y | c) p(c) >= p(y | c) p(c): per image the marginal NLL is never above the
+    # conditional by more than -log2 p(c) / D, p(c) >= 1/65 for the smoke preset's 64 training
+    # labels (a missing class counts once); a different number: the K classes were evaluated.
+    assert marginal <= conditional + math.log2(65) / (28 * 28)
+    assert marginal != conditional
+    assert 0.0 <= summary["bayes_accuracy"] <= 1.0 and summary["class_images"] == 32
+    report = (noisy_conditional_run / "report.md").read_text()
+    assert "| test_noisy_nll_marginal |" in report and "| bayes_accuracy |" in report
+
+
+def test_a_conditional_noisy_run_denoises_every_grid(noisy_conditional_run: Path) -> None:
+    summary = json.loads((noisy_conditional_run / "summary.json").read_text())
+    samples = noisy_conditional_run / "samples"
+    for kind in ("", "-noclass", "-guided1"):
+        for temperature in ("T1", "T0.7"):
+            assert (samples / f"samples{kind}-{temperature}.png").is_file()
+            assert (samples / f"samples-denoised{kind}-{temperature}.png").is_file()
+            assert f"denoised{kind}-{temperature}" in summary["samples_overflowed"]
+    # The same draws, denoised: the grids pair up image for image, and the step moved them.
+    plain, denoised = (np.load(samples / f"samples{k}-T1.npy") for k in ("", "-denoised"))
+    assert plain.shape == denoised.shape == (20, 28, 28, 1)
+    assert not np.array_equal(plain, denoised)
+    assert np.abs(plain.astype(int) - denoised.astype(int)).mean() < 16  # one small step, not new images
+
+
+def test_a_conditional_draw_is_denoised_by_its_own_class_density(tmp_path: Path) -> None:
+    from flowkit.runs.classes import class_grids
+    from flowkit.runs.images import to_uint8
+    from flowkit.runs.sampling import denoise, saturate, seeded
+
+    recipe = flowkit.load_recipe(TARFLOW, preset="smoke", overrides=CONDITIONAL)
+    session = build_session(recipe, make_plugins())
+    conditioning = session.conditioning
+    torch.manual_seed(0)
+    with torch.no_grad():  # past the zero-initialised projections: the class reaches the density
+        for p in session.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    session.model.eval()
+    class_grids(session, tmp_path, n=4, temperatures=[1.0], seed=5, labels=3, prefix="x-denoised", denoised=True)
+    written = np.load(tmp_path / "x-denoised-T1.npy")
+    with seeded(session, 5):
+        y = conditioning.sample(4, 1.0, 3)
+
+    def denoised_under(label: int) -> np.ndarray:
+        return to_uint8(saturate(denoise(session, y, conditioning.context(label, 4)))[0], session.n_bits)
+
+    assert np.array_equal(written, denoised_under(3))
+    assert not np.array_equal(written, denoised_under(conditioning.no_class))  # the class mattered
+
+
+def test_flowkit_sample_denoises_a_conditional_run_by_class(noisy_conditional_run: Path) -> None:
+    result = CliRunner().invoke(cli, ["sample", str(noisy_conditional_run), "--n", "2", "--class", "4",
+                                      "--guidance", "1", "--denoise"])
+    assert result.exit_code == 0, result.output
+    assert (noisy_conditional_run / "samples" / "sample-class4-denoised-guided1-T1.png").is_file()
+
+
+def test_the_python_api_denoises_a_conditional_draw_by_its_class(noisy_conditional_run: Path) -> None:
+    from flowkit.runs.images import to_levels
+    from flowkit.runs.sampling import denoise, saturate, seeded
+
+    run = flowkit.load_run(noisy_conditional_run)
+    conditioning = run.session.conditioning
+    with torch.no_grad():  # past the zero-initialised projections: the class reaches the density
+        torch.manual_seed(1)
+        for p in run.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    got = run.sample(4, 1.0, seed=7, labels=3, guidance=1.0, denoise=True).images
+    with seeded(run.session, 7):
+        y = conditioning.sample(4, 1.0, 3, 1.0)
+    by_class, by_none = (to_levels(saturate(denoise(run.session, y, conditioning.context(c, 4)))[0], run.n_bits)
+                         for c in (3, None))
+    assert torch.equal(got, by_class.to(torch.uint8)) and not torch.equal(got, by_none.to(torch.uint8))
