@@ -94,7 +94,7 @@ def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple
                  step: int = 0, draw: Callable[[float], Tensor] | None = None,
                  solver: InverseSolver | None = None, denoised: bool = False,
                  seconds: dict[str, float] | None = None, ncol: int | None = None,
-                 context: Tensor | None = None) -> tuple[list[Path], dict[str, int]]:
+                 ) -> tuple[list[Path], dict[str, int]]:
     """One PNG grid per temperature: ``<prefix>-T<temperature>.png``; also the number of images
     per temperature whose inverse overflowed (`saturate`). With ``metrics`` (a run's sink), each
     grid is also logged as image ``<prefix>/T<temperature>`` at ``step``. ``draw(temperature)``
@@ -103,15 +103,13 @@ def sample_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple
     (default: a square grid).
     ``solver``: how sequential inverses are solved (None: the recipe's). ``denoised``: every
     draw is denoised (`denoise`) before it is saturated, into ``<prefix>-denoised-T<t>.png``;
-    the same seed draws the same images as without, so the grids pair up; ``context``: the
-    model's context of the draws, for the density that denoises them (a class-conditional run's
-    classes, `flowkit.runs.classes.class_grids`). ``seconds``: filled with each draw's wall time
-    by ``T<temperature>`` (the run's sampling images/s)."""
+    the same seed draws the same images as without, so the grids pair up. ``seconds``: filled
+    with each draw's wall time by ``T<temperature>`` (the run's sampling images/s)."""
     session.model.eval()
     draw = draw or (lambda temperature: session.model.sample(n, temperature=temperature))
     if denoised:
         plain, prefix = draw, f"{prefix}-denoised"
-        draw = lambda temperature: denoise(session, plain(temperature), context)  # noqa: E731
+        draw = lambda temperature: denoise(session, plain(temperature))  # noqa: E731
     paths = []
     overflowed: dict[str, int] = {}
     for temperature in temperatures:
