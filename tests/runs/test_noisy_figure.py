@@ -100,13 +100,25 @@ CONDITIONAL = [GAUSSIAN[0], "data.labels=true", "train.label_dropout=0.1", "eval
 @pytest.fixture(scope="module")
 def noisy_conditional_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("noisy_cond") / "run"
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(  # the final table unwrapped
+    result = CliRunner().invoke(
         cli, ["run", str(TARFLOW), "--preset", "smoke", "--out", str(out), *[a for kv in CONDITIONAL for a in ("--set", kv)]],
         catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "marginal over classes" in result.output and "Bayes classifier accuracy" in result.output, result.output
     assert "bits/dim" not in result.output, result.output
     return out
+
+
+def test_the_final_table_shows_the_marginal_and_the_classifier_by_the_figures_name(noisy_conditional_run: Path) -> None:
+    from rich.console import Console
+
+    from flowkit.cli.run import summary_table
+
+    summary = json.loads((noisy_conditional_run / "summary.json").read_text())
+    console = Console(width=200, record=True)  # a fixed width: the shared console wraps by the terminal's
+    console.print(summary_table(summary, noisy_conditional_run))
+    text = console.export_text()
+    assert "test noisy-data NLL, marginal over classes (32 images)" in text
+    assert "Bayes classifier accuracy (32 images)" in text and "bits/dim" not in text
 
 
 def test_a_conditional_noisy_run_reports_the_class_figures_as_noisy_nll(noisy_conditional_run: Path) -> None:
