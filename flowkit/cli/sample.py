@@ -57,9 +57,8 @@ def register(cli: click.Group) -> None:
             from flowkit.runs.classes import class_grids
 
             labels = pick_class(session, class_, guidance, mcmc=sampling.mcmc is not None)
-            prefix = "sample" if class_ is None else f"sample-class{class_}"
             paths, overflowed = class_grids(session, rundir.samples, n=n, temperatures=temps, seed=seed,
-                                            prefix=f"{prefix}-denoised" if denoise else prefix,
+                                            prefix="sample" if class_ is None else f"sample-class{class_}",
                                             labels=labels, guidance=() if guidance is None else (guidance,),
                                             solver=inverse, denoised=denoise)
         elif sampling.mcmc is None:

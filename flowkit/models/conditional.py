@@ -117,9 +117,7 @@ class ClassConditioned:
         unconditional model), at ``temperature``; with ``guidance`` ``w``, classifier-free
         guidance (`flowkit.nn.guidance`), which needs classes (not "no class") and a model built
         for it. ``w = 0`` is plain conditional sampling."""
-        like = next(iter(self.model.parameters()), torch.zeros(()))
-        labels = self.labels_for(labels, n, like)
-        context = self.one_hot(labels, like)
+        context = self.context(labels, n)
         if guidance is None:
             return self.model.sample(n, temperature, context)
         if self.guidance is None:
@@ -127,8 +125,8 @@ class ClassConditioned:
                              "flowkit.nn.guidance.Guidance.")
         if not math.isfinite(guidance):
             raise ShapeError(f"guidance = {guidance} must be a finite number.")
-        if bool((labels == self.no_class).any()):
+        if bool(context[:, self.no_class].any()):
             raise ShapeError('guidance steers a class away from "no class": give every image a class.')
-        both = torch.cat([context, self.one_hot(self.labels_for(None, n, like), like)])
+        both = torch.cat([context, self.context(None, n)])
         with self.guidance.guiding(guidance):
             return self.model.sample(2 * n, temperature, both)[:n]

@@ -160,9 +160,12 @@ def class_grids(session: Session, out_dir: Path, *, n: int, temperatures: tuple[
     class" grid (``n`` images, as an unconditional run's grid) or, without one, of the first grid.
     ``denoised``: the same draws, each denoised by the density of its own class ("no class" for
     the unconditional grid; a guided draw by its class's conditional density, unguided, as
-    TarFlow denoises: the guidance steers the inverse only), under the same names (give a
-    ``prefix`` that says so: ``samples-denoised``)."""
+    TarFlow denoises: the guidance steers the inverse only), into ``<prefix>-denoised``,
+    ``<prefix>-denoised-noclass`` and ``<prefix>-denoised-guided<w>``, as `sample_grids` names
+    its denoised grids."""
     conditioning = conditioning_of(session)
+    if denoised:
+        prefix = f"{prefix}-denoised"
     k = conditioning.num_classes
     if labels == "rows":
         per_class = max(1, n // k)

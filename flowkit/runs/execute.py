@@ -83,23 +83,17 @@ def evaluate_and_sample(session: Session, rundir: RunDir, reporter: Reporter, *,
             extra.update(class_figures(session, seed=cfg.seed + 1))  # the test figure's noise: the same y
         if alone is None:
             grids = class_grids if conditional else sample_grids
-            by_class = {"guidance": recipe.sample.guidance} if conditional else {}
-            samples, overflowed = grids(session, rundir.samples, n=recipe.sample.n,
-                                        temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
-                                        metrics=rundir.metrics if log_samples else None, step=step,
-                                        seconds=seconds, **by_class)
+            common = dict(n=recipe.sample.n, temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
+                          metrics=rundir.metrics if log_samples else None, step=step)
+            if conditional:
+                common["guidance"] = recipe.sample.guidance
+            samples, overflowed = grids(session, rundir.samples, seconds=seconds, **common)
             if seconds:  # the grids' draws: sampling images/s of every model, one number (ablation reports)
                 extra["sample_images_per_s"] = recipe.sample.n * len(seconds) / max(sum(seconds.values()), 1e-9)
                 if sequential_inverses(session.model):  # TarFlow: which inverse drew them
                     extra["sample_solver"] = recipe.sample.solver
-            if recipe.sample.denoise:  # the same draws, denoised: grids that pair up
-                common = dict(n=recipe.sample.n, temperatures=recipe.sample.temperatures, seed=recipe.sample.seed,
-                              metrics=rundir.metrics if log_samples else None, step=step, denoised=True)
-                if conditional:  # samples-denoised-T1, -denoised-noclass-T1, -denoised-guided1-T1
-                    more, counts = class_grids(session, rundir.samples, prefix="samples-denoised",
-                                               guidance=recipe.sample.guidance, **common)
-                else:  # samples-denoised-T1
-                    more, counts = sample_grids(session, rundir.samples, **common)
+            if recipe.sample.denoise:  # the same draws, denoised: grids that pair up (samples-denoised-*)
+                more, counts = grids(session, rundir.samples, denoised=True, **common)
                 samples += more
                 overflowed.update({f"denoised-{k}": v for k, v in counts.items()})
             extra.update(importance_weighted(session, reporter))

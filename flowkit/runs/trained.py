@@ -241,10 +241,11 @@ class TrainedRun:
 
         def draw() -> Tensor:
             if conditioning is None:
-                y, context = self.model.sample(n, temperature=float(temperature)), None
-            else:  # denoised by the density of its own class (unguided), as class_grids does
-                y, context = conditioning.sample(n, float(temperature), labels, guidance), conditioning.context(labels, n)
-            return denoise_step(self.session, y, context) if denoise else y
+                y = self.model.sample(n, temperature=float(temperature))
+                return denoise_step(self.session, y) if denoise else y
+            y = conditioning.sample(n, float(temperature), labels, guidance)
+            # denoised by the density of its own class (unguided), as class_grids does
+            return denoise_step(self.session, y, conditioning.context(labels, n)) if denoise else y
 
         with solving(self.session, solver):
             y, overflowed = seeded_draw(self.session, draw, seed)

@@ -163,7 +163,7 @@ def test_a_conditional_draw_is_denoised_by_its_own_class_density(tmp_path: Path)
         for p in session.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     session.model.eval()
-    class_grids(session, tmp_path, n=4, temperatures=[1.0], seed=5, labels=3, prefix="x-denoised", denoised=True)
+    class_grids(session, tmp_path, n=4, temperatures=[1.0], seed=5, labels=3, prefix="x", denoised=True)
     written = np.load(tmp_path / "x-denoised-T1.npy")
     with seeded(session, 5):
         y = conditioning.sample(4, 1.0, 3)
